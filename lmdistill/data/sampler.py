@@ -1,0 +1,120 @@
+"""Deterministic, resumable, rank-aware batches of token blocks.
+
+Block ``i`` is the window ``tokens[i*B : i*B + B + 1]`` (B = block_size): the first B tokens
+are the input, the last B the labels, so that consecutive blocks share one token and every
+token but the first is a label exactly once per epoch. Each epoch visits all
+``(num_tokens - 1) // B`` blocks in a permutation seeded by ``(seed, epoch)``; rank ``r`` of
+``world_size`` takes positions ``r, r + world_size, ...`` of it, after dropping the remainder
+so that all ranks see the same number of blocks (DDP ranks must step together).
+
+The sampler's position is two integers (epoch, index into this rank's blocks), identical on
+every rank, so rank 0's ``state_dict`` resumes every rank.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from lmdistill.data.errors import DataError
+
+_STATE_VERSION = 1
+
+
+class BlockSampler:
+    """Batches of ``(input_ids, labels)``, each ``(batch_size, block_size)`` int64."""
+
+    def __init__(self, num_tokens: int, block_size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        if block_size < 1 or batch_size < 1:
+            raise ValueError(f"block_size and batch_size must be >= 1, got {block_size} and {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
+        num_blocks = max(num_tokens - 1, 0) // block_size
+        if num_blocks < world_size:
+            need = world_size * block_size + 1
+            raise DataError(
+                f"the split has {num_tokens:,} tokens, fewer than the {need:,} that "
+                f"{world_size} rank(s) x one block of {block_size} (+1) need; use a smaller block "
+                "size or add more data"
+            )
+        self.num_tokens = num_tokens
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.num_blocks = num_blocks
+        self.blocks_per_epoch = num_blocks // world_size  # per rank
+        self._epoch = 0
+        self._pos = 0  # index into this rank's blocks of the current epoch
+        self._order_epoch = -1
+        self._order = np.empty(0, dtype=np.int64)
+
+    @property
+    def epoch(self) -> int:
+        """The epoch the next block comes from (0-based)."""
+        return self._epoch
+
+    @property
+    def tokens_per_batch(self) -> int:
+        return self.batch_size * self.block_size
+
+    def _rank_blocks(self, epoch: int) -> np.ndarray:
+        if self._order_epoch != epoch:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_blocks)
+            self._order = perm[: self.blocks_per_epoch * self.world_size][self.rank :: self.world_size]
+            self._order_epoch = epoch
+        return self._order
+
+    def _next_blocks(self) -> np.ndarray:
+        picked = []
+        needed = self.batch_size
+        while needed:
+            blocks = self._rank_blocks(self._epoch)
+            take = blocks[self._pos : self._pos + needed]
+            picked.append(take)
+            needed -= len(take)
+            self._pos += len(take)
+            if self._pos == len(blocks):
+                self._epoch += 1
+                self._pos = 0
+        return np.concatenate(picked)
+
+    def next_batch(self, tokens: np.ndarray) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """The next ``(input_ids, labels)`` from ``tokens`` (the split this sampler was made for)."""
+        if len(tokens) != self.num_tokens:
+            raise DataError(
+                f"sampler was built for {self.num_tokens:,} tokens but got {len(tokens):,}; "
+                "build it from the same split it samples"
+            )
+        starts = self._next_blocks() * self.block_size
+        windows = np.asarray(tokens)[starts[:, None] + np.arange(self.block_size + 1)]
+        t = torch.from_numpy(windows.astype(np.int64))
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+    def state_dict(self) -> dict:
+        return {
+            "version": _STATE_VERSION,
+            "epoch": self._epoch,
+            "position": self._pos,
+            "num_tokens": self.num_tokens,
+            "block_size": self.block_size,
+            "seed": self.seed,
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Resume at a saved position; the data, block size, seed and world size must match.
+
+        batch_size and rank may differ: the position counts blocks, the same on every rank.
+        """
+        for key in ("num_tokens", "block_size", "seed", "world_size"):
+            if state.get(key) != getattr(self, key):
+                raise DataError(
+                    f"sampler state is for {key}={state.get(key)}, this sampler has "
+                    f"{key}={getattr(self, key)}; resume with the same data and settings"
+                )
+        if not 0 <= state["position"] < self.blocks_per_epoch or state["epoch"] < 0:
+            raise DataError(f"sampler state position {state['position']} / epoch {state['epoch']} is out of range")
+        self._epoch = int(state["epoch"])
+        self._pos = int(state["position"])
