@@ -188,7 +188,7 @@ def _build(section_cls: type, values: dict[str, Any], prefix: str) -> Any:
 
 def _coerce(value: Any, hint: Any, name: str) -> Any:
     """Convert a YAML or command-line value to the field's type, or fail naming the field."""
-    if value is None:
+    if value is None or (isinstance(value, str) and value in ("None", "none", "null")):
         if type(None) in get_args(hint):
             return None
         raise ConfigError(f"config value {name} may not be empty")

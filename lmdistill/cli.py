@@ -1,0 +1,210 @@
+"""The ``lmdistill`` command: thin subcommands over the library modules.
+
+    lmdistill prepare       text sources -> token shards
+    lmdistill init-student  cut a student from a teacher
+    lmdistill distill       train a student (or --resume a run)
+    lmdistill eval          perplexity of several models under one protocol
+    lmdistill generate      continue a prompt
+    lmdistill demo          the whole pipeline on the bundled teacher and corpora
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+# Quiet transformers' offline-hub chatter and tokenizers' fork warning before they load.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+
+def _parse_layers(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--layers takes comma-separated integers such as 0,2,4,7,9,11, not {text!r}") from None
+
+
+# ---------------------------------------------------------------------------------------
+# Subcommands
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from .data.prepare import prepare
+    from .data.sources import parse_source
+    from .models import load_tokenizer
+
+    for spec in args.source:
+        parse_source(spec)  # fail on a bad source before loading the tokenizer
+    tokenizer = load_tokenizer(args.tokenizer)
+    data = prepare(tokenizer, args.source, Path(args.out), tokenizer_name=args.tokenizer)
+    for split, count in data.splits.items():
+        print(f"{split:>10}: {count:,} tokens")
+    print(f"{'reused' if data.reused else 'wrote'} {data.out_dir}")
+    return 0
+
+
+def cmd_init_student(args: argparse.Namespace) -> int:
+    from .models import count_parameters, decoder_layers, load_model, load_tokenizer
+    from .student import build_student, layer_map, save_model, validate_layer_map
+    from .models import model_config
+
+    num_teacher = _num_layers(model_config(args.teacher))
+    if args.layers is not None:
+        layers = validate_layer_map(args.layers, num_teacher)
+    else:
+        layers = layer_map(num_teacher, args.num_layers or max(1, num_teacher // 2), args.strategy)
+    teacher = load_model(args.teacher)
+    tokenizer = load_tokenizer(args.teacher)
+    student = build_student(teacher, layers, random_init=args.random_init, seed=args.seed)
+    save_model(student, tokenizer, Path(args.out))
+    t_params, s_params = count_parameters(teacher), count_parameters(student)
+    init = "random weights" if args.random_init else f"teacher layers {layers}"
+    print(f"teacher: {len(decoder_layers(teacher))} layers, {t_params / 1e6:.1f}M parameters")
+    print(f"student: {len(layers)} layers, {s_params / 1e6:.1f}M parameters ({s_params / t_params:.0%}), {init}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _num_layers(config) -> int:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    raise ValueError("cannot tell how many layers the teacher has from its config")
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    from .config import load_config
+    from .train import run_training
+
+    if args.resume:
+        if args.config or args.overrides:
+            raise ValueError("--resume continues a run with its saved config.yaml; drop --config and overrides")
+        run_training(None, Path(args.resume), resume=True)  # type: ignore[arg-type]
+        return 0
+    if not args.out:
+        raise ValueError("distill needs --out RUN_DIR (or --resume RUN_DIR)")
+    config = load_config(args.config, args.overrides)
+    run_training(config, Path(args.out))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from .evaluate.runner import evaluate_models, format_table
+
+    results = evaluate_models(args.models, args.data, split=args.split, window=args.window, stride=args.stride,
+                              max_tokens=args.max_tokens, batch_size=args.batch_size)
+    print(format_table(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from .generate import SamplingConfig, generate
+    from .models import load_model, load_tokenizer
+
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                              top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    for prompt in prompts:
+        print(prompt, end="", flush=True)
+        generate(model, tokenizer, prompt, sampling, stream=lambda piece: print(piece, end="", flush=True))
+        print()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    run_demo(Path(args.out), minutes=args.minutes, eval_tokens=args.eval_tokens, resume=args.resume)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# Parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lmdistill", description="Distil a causal language model into a smaller, faster student.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("prepare", help="tokenise text sources into token shards")
+    p.add_argument("--tokenizer", required=True, help="MODEL whose tokenizer to use (alias, .gguf, folder, hub id)")
+    p.add_argument("--source", nargs="+", required=True, help="corpus:austen|moby_dick|sotu|all, a .txt/.jsonl/.jsonl.xz/.parquet file or folder, hf:NAME[:CONFIG]")
+    p.add_argument("--out", required=True, help="output folder for the shards")
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("init-student", help="cut a student from a teacher")
+    p.add_argument("--teacher", required=True, help="teacher MODEL")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--layers", type=_parse_layers, help="teacher layers to keep, e.g. 0,2,4,7,9,11")
+    group.add_argument("--num-layers", type=int, help="student depth (default: half the teacher's)")
+    p.add_argument("--strategy", default="every-other", choices=["every-other", "uniform", "first"], help="layer map for --num-layers")
+    p.add_argument("--random-init", action="store_true", help="random weights with the cut architecture")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output HF folder")
+    p.set_defaults(func=cmd_init_student)
+
+    p = sub.add_parser("distill", help="train a student from a recipe, or resume a run")
+    p.add_argument("--config", help="recipe YAML (or bundled name: distilgpt2, smollm2-demo)")
+    p.add_argument("--out", help="run directory to create")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    p.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.max_steps=200")
+    p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser("eval", help="perplexity of one or more models, side by side")
+    p.add_argument("models", nargs="+", help="MODELs to evaluate (the first is the reference)")
+    p.add_argument("--data", nargs="+", default=["corpus:all"], help="text sources; corpus:all is evaluated per corpus")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    p.add_argument("--window", type=int, default=512, help="tokens per forward pass")
+    p.add_argument("--stride", type=int, default=None, help="new tokens scored per window (default: the window, disjoint)")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of each source")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--json", help="also write the results as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="continue prompts (from --prompt or stdin)")
+    p.add_argument("model")
+    p.add_argument("--prompt", action="append", help="prompt text (repeatable); default: one prompt per stdin line")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("demo", help="distil the bundled SmolLM2-135M into 15 layers and compare")
+    p.add_argument("--minutes", type=float, default=10.0, help="training time budget")
+    p.add_argument("--out", default="runs/demo", help="run directory")
+    p.add_argument("--eval-tokens", type=int, default=32768, help="test tokens scored per corpus")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted demo in --out")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    # Our own bars show progress; transformers' per-file load/save bars only add noise.
+    hf_logging.disable_progress_bar()
+
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
+        # Our errors (ConfigError, DataError, ModelError, RunDirError) are ValueErrors whose
+        # message names the fix; show it without a traceback.
+        print(f"lmdistill {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""The embedded demo: distil the bundled SmolLM2-135M into a 15-layer student and compare.
+
+Steps: convert the teacher (once, cached) → cut the student (every other layer) → distil on
+the bundled corpora for a time budget → score teacher, initialised student and distilled
+student on each corpus's test split under one protocol → measure generation speed → show
+sample continuations → write ``results.json`` and ``report.md`` in the run directory.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .bench import generation_speeds, parameter_counts
+from .checkpoint import RunDir, write_text_atomic
+from .config import load_config
+from .data.corpora import CORPORA
+from .evaluate.perplexity import PerplexityProtocol
+from .evaluate.runner import TokenCache, evaluate_model
+from .generate import SamplingConfig, generate
+from .models import load_model
+from .train import run_training
+
+RECIPE = "smollm2-demo"
+PROMPTS = [
+    "It is a truth universally acknowledged, that",
+    "Mr. Speaker, Mr. Vice President, members of Congress, my fellow Americans:",
+    "Call me Ishmael. Some years ago,",
+]
+EVAL_WINDOW = 512
+
+
+def run_demo(out: Path, minutes: float = 10.0, eval_tokens: int = 32768, resume: bool = False) -> dict[str, Any]:
+    run = RunDir(out)
+    started = time.perf_counter()
+    config = load_config(RECIPE, [f"train.max_minutes={minutes}"])
+    if resume:
+        summary = run_training(None, out, resume=True)  # type: ignore[arg-type]
+    else:
+        print(f"[demo] teacher {config.model.teacher} -> {config.model.num_layers}-layer student ({config.model.strategy}); "
+              f"{minutes:g} minutes of training on {torch.get_num_threads()} threads")
+        summary = run_training(config, out)
+    train_seconds = summary.get("train_seconds")
+
+    print("[demo] evaluating teacher, initialised student and distilled student on the test splits")
+    names = {"teacher": config.model.teacher, "student (initialised)": str(run.student_init),
+             "student (distilled)": str(run.student)}
+    sources = [f"corpus:{name}" for name in CORPORA]
+    protocol = PerplexityProtocol(window=EVAL_WINDOW, max_tokens=eval_tokens, batch_size=4)
+    cache = TokenCache("test")
+    models = {label: load_model(spec) for label, spec in names.items()}
+    from .models import load_tokenizer
+
+    tokenizer = load_tokenizer(config.model.teacher)
+    rows = {label: evaluate_model(model, tokenizer, sources, cache, protocol, name=label) for label, model in models.items()}
+
+    prompt_ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+    speeds = generation_speeds(models, prompt_ids, new_tokens=64, repeats=3)
+    params = {label: parameter_counts(model) for label, model in models.items()}
+
+    samples = {label: [generate(models[label], tokenizer, p, SamplingConfig(max_new_tokens=40)) for p in PROMPTS]
+               for label in ("teacher", "student (distilled)")}
+
+    results = {
+        "protocol": protocol.describe() + f"; test split of each bundled corpus",
+        "train": summary, "train_minutes_budget": minutes,
+        "models": {label: {"path": names[label], "parameters": params[label],
+                           "perplexity": {s: rows[label]["perplexity"][s]["perplexity"] for s in sources},
+                           "tokens_scored": {s: rows[label]["perplexity"][s]["tokens_scored"] for s in sources},
+                           "generation": speeds[label].to_dict()} for label in names},
+        "samples": {"prompts": PROMPTS, **samples},
+        "total_seconds": round(time.perf_counter() - started, 1),
+    }
+    write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    text = format_results(results, sources)
+    write_text_atomic(run.report, text)
+    print()
+    print(text)
+    print(f"[demo] wrote {run.report} and {out / 'results.json'}; trained {train_seconds} s")
+    return results
+
+
+def format_results(results: dict[str, Any], sources: list[str]) -> str:
+    models = results["models"]
+    teacher = models["teacher"]
+    lines = [
+        "# lmdistill demo: SmolLM2-135M → 15-layer student",
+        "",
+        f"Training: {results['train']['step']} steps, {results['train']['tokens_seen']:,} tokens, "
+        f"{results['train'].get('train_seconds', '?')} s (budget {results['train_minutes_budget']:g} min).",
+        "",
+        f"Perplexity protocol: {results['protocol']}.",
+        "Generation: batch 1, greedy, KV cache, 64 new tokens after a short prompt, median of 3 (interleaved).",
+        "",
+        "| model | parameters | " + " | ".join(f"ppl {s.split(':')[1]}" for s in sources) + " | generation tokens/s |",
+        "|---|---:|" + "---:|" * len(sources) + "---:|",
+    ]
+    for label, row in models.items():
+        ppl = " | ".join(f"{row['perplexity'][s]:,.1f}" for s in sources)
+        speed = row["generation"]["tokens_per_second"]
+        ratio = speed / teacher["generation"]["tokens_per_second"]
+        lines.append(f"| {label} | {row['parameters']['total'] / 1e6:.1f}M | {ppl} | {speed:.1f} ({ratio:.2f}x) |")
+    init, final = models["student (initialised)"], models["student (distilled)"]
+    gains = ", ".join(f"{s.split(':')[1]} {init['perplexity'][s] / final['perplexity'][s]:,.0f}x" for s in sources)
+    lines += ["", f"Distillation lowered the student's test perplexity by: {gains}.", "", "## Sample continuations (greedy)", ""]
+    for i, prompt in enumerate(results["samples"]["prompts"]):
+        lines.append(f"**Prompt:** {prompt}")
+        lines.append("")
+        for label in ("teacher", "student (distilled)"):
+            continuation = results["samples"][label][i].replace("\n", " ")
+            lines.append(f"- *{label}:* {continuation}")
+        lines.append("")
+    return "\n".join(lines)

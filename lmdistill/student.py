@@ -1,0 +1,169 @@
+"""Build a student from a teacher: same width, fewer layers, chosen teacher layers copied.
+
+The student is a model of the teacher's own class whose config differs only in its layer
+count; embeddings, position embeddings, final norm and lm_head are copied (tied where the
+teacher ties) and decoder layer ``i`` of the student is a copy of teacher layer
+``layer_map[i]``. The map is written into the student's ``config.json``
+(``lmdistill_layer_map``) so later steps know which teacher layer each student layer came from.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from .models import ModelError, architecture_of, decoder_layers
+
+STRATEGIES = ("every-other", "uniform", "first")
+
+# DistilGPT2 kept these layers of GPT-2's 12 (HF transformers-research-projects/distillation).
+DISTILGPT2_MAP = [0, 2, 4, 7, 9, 11]
+
+
+def layer_map(num_teacher_layers: int, num_student_layers: int, strategy: str = "every-other") -> list[int]:
+    """Which teacher layers the student keeps, in order.
+
+    - ``every-other``: 0, 2, 4, ... when the student has half the depth or less, spread
+      evenly otherwise; a 12 → 6 cut gives DistilGPT2's 0, 2, 4, 7, 9, 11.
+    - ``uniform``: evenly spaced from the first to the last layer (both kept).
+    - ``first``: the bottom N layers.
+    """
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown layer strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    if not 1 <= num_student_layers <= num_teacher_layers:
+        raise ValueError(
+            f"a student of {num_student_layers} layers cannot be cut from a teacher of {num_teacher_layers}; "
+            f"choose between 1 and {num_teacher_layers}"
+        )
+    n, k = num_teacher_layers, num_student_layers
+    if strategy == "first":
+        return list(range(k))
+    if strategy == "every-other":
+        if (n, k) == (12, 6):
+            return list(DISTILGPT2_MAP)
+        if 2 * k == n:
+            return list(range(0, n, 2))
+    if k == 1:
+        return [0]
+    # Evenly spaced, first and last kept: round(i * (n-1) / (k-1)).
+    return [round(i * (n - 1) / (k - 1)) for i in range(k)]
+
+
+def validate_layer_map(layers: list[int], num_teacher_layers: int) -> list[int]:
+    """Check an explicit layer map against the teacher; errors name the valid range."""
+    if not layers:
+        raise ValueError("the layer map is empty; pass at least one teacher layer, e.g. --layers 0,2,4")
+    bad = [i for i in layers if not 0 <= i < num_teacher_layers]
+    if bad:
+        raise ValueError(
+            f"layer index {bad[0]} is out of range: the teacher has {num_teacher_layers} layers "
+            f"(valid indices 0..{num_teacher_layers - 1})"
+        )
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"the layer map {layers} repeats a layer; list each teacher layer once")
+    if list(layers) != sorted(layers):
+        raise ValueError(f"the layer map {layers} is not in increasing order; keep the teacher's order")
+    return list(layers)
+
+
+def build_student(teacher: PreTrainedModel, layers: list[int], random_init: bool = False, seed: int = 0) -> PreTrainedModel:
+    """A student of the teacher's class with ``len(layers)`` decoder layers.
+
+    With ``random_init`` the student keeps the cut architecture but gets fresh weights
+    (the model's own initialiser, seeded).
+    """
+    arch = architecture_of(teacher)
+    num_teacher = len(decoder_layers(teacher))
+    layers = validate_layer_map(layers, num_teacher)
+    config = copy.deepcopy(teacher.config)
+    setattr(config, arch.num_layers_key, len(layers))
+    _cut_per_layer_fields(config, layers)
+    config.lmdistill_layer_map = None if random_init else list(layers)
+    config.lmdistill_teacher_layers = num_teacher
+    torch.manual_seed(seed)
+    student = type(teacher)(config).to(dtype=next(teacher.parameters()).dtype)
+    if random_init:
+        return student.eval()
+
+    teacher_state = teacher.state_dict()
+    layers_prefix = arch.layers + "."
+    new_state = {}
+    for name in student.state_dict():
+        if name.startswith(layers_prefix):
+            index, rest = name[len(layers_prefix):].split(".", 1)
+            source = f"{layers_prefix}{layers[int(index)]}.{rest}"
+        else:
+            source = name
+        if source not in teacher_state:
+            raise ModelError(f"student tensor {name} has no counterpart {source} in the teacher; report this model type")
+        new_state[name] = teacher_state[source].detach().clone()
+    student.load_state_dict(new_state, strict=True)
+    if getattr(config, "tie_word_embeddings", False):
+        student.tie_weights()
+    return student.eval()
+
+
+def _cut_per_layer_fields(config, layers: list[int]) -> None:
+    # Some configs describe each layer (GPT-Neo's attention_types, Qwen's layer_types);
+    # they must follow the layer map or the student would get the wrong attention kind.
+    if hasattr(config, "attention_layers") and isinstance(config.attention_layers, list):
+        config.attention_layers = [config.attention_layers[i] for i in layers]
+        if hasattr(config, "attention_types"):
+            config.attention_types = [[[kind], 1] for kind in config.attention_layers]
+    if isinstance(getattr(config, "layer_types", None), list):
+        config.layer_types = [config.layer_types[i] for i in layers]
+
+
+def student_layer_map(student: PreTrainedModel) -> list[int] | None:
+    """The teacher layers a student was cut from, as recorded in its config."""
+    return getattr(student.config, "lmdistill_layer_map", None)
+
+
+def check_shared_vocabulary(teacher: PreTrainedModel, student: PreTrainedModel,
+                            teacher_tokenizer: PreTrainedTokenizerBase | None = None,
+                            student_tokenizer: PreTrainedTokenizerBase | None = None) -> None:
+    """Refuse a teacher/student pair whose logits do not index the same tokens."""
+    t_vocab = teacher.get_output_embeddings().weight.shape[0]
+    s_vocab = student.get_output_embeddings().weight.shape[0]
+    if t_vocab != s_vocab:
+        raise ModelError(
+            f"teacher and student vocabularies differ ({t_vocab} vs {s_vocab} output tokens): logit "
+            f"distillation needs the same tokenizer. Use a student built from this teacher "
+            f"(lmdistill init-student) or a pretrained student that shares its tokenizer."
+        )
+    if teacher_tokenizer is not None and student_tokenizer is not None:
+        if teacher_tokenizer.get_vocab() != student_tokenizer.get_vocab():
+            raise ModelError(
+                "teacher and student tokenizers map tokens to different ids: logit distillation needs "
+                "the same tokenizer. Pick a student that was trained with the teacher's tokenizer."
+            )
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: Path) -> Path:
+    """Write a normal Hugging Face folder (config.json, model.safetensors, tokenizer files) atomically."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if out_dir.exists():
+            old = out_dir.with_name(f".{out_dir.name}.old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(out_dir, old)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

@@ -1,0 +1,42 @@
+"""Tiny deterministic models and data for the tests (2-4 layers, width 32)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from lmdistill.data.corpora import corpus_documents
+
+
+def tiny_gpt2(n_layer: int = 4, dropout: float = 0.0, seed: int = 0, vocab_size: int = 50257) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    config = GPT2Config(
+        n_layer=n_layer, n_embd=32, n_head=2, n_positions=128, vocab_size=vocab_size,
+        resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+    )
+    return GPT2LMHeadModel(config).eval()
+
+
+def tiny_llama(num_layers: int = 4, seed: int = 0, vocab_size: int = 97) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=128, tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+def save_with_tokenizer(model, tokenizer, folder: Path) -> Path:
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def small_text_file(folder: Path, characters: int = 60_000) -> Path:
+    """A few chapters of Moby-Dick as a plain .txt source (real English, small enough to be fast)."""
+    text = "\n\n".join(doc.text for doc in corpus_documents("moby_dick", "train")[:40])[:characters]
+    path = folder / "moby.txt"
+    path.write_text(text)
+    return path

@@ -1,0 +1,141 @@
+"""The training loop on tiny GPT-2-shaped models with the real GPT-2 tokenizer and real text."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lmdistill.checkpoint import RunDir, read_metrics
+from lmdistill.config import ConfigError, load_config
+from lmdistill.train import RunDirError, lr_factor, run_training
+
+from .helpers import save_with_tokenizer, small_text_file, tiny_gpt2
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, gpt2_tokenizer):
+    root = tmp_path_factory.mktemp("train")
+    text = small_text_file(root)
+    teacher = save_with_tokenizer(tiny_gpt2(n_layer=4, seed=0), gpt2_tokenizer, root / "teacher")
+    teacher_dropout = save_with_tokenizer(tiny_gpt2(n_layer=4, dropout=0.1, seed=0), gpt2_tokenizer, root / "teacher_dropout")
+    return {"root": root, "text": text, "teacher": teacher, "teacher_dropout": teacher_dropout, "data": root / "data"}
+
+
+def make_config(ws, **train):
+    overrides = [
+        f"model.teacher={ws['teacher']}", "model.num_layers=2",
+        f"data.sources=[{ws['text']}]", f"data.prepared_dir={ws['data']}", "data.block_size=32",
+        "train.lr=1e-3", "train.warmup=0.2", "train.eval_every=0", "train.checkpoint_every=0", "train.eval_tokens=256",
+        "train.threads=1",
+    ]
+    overrides += [f"train.{k}={v}" for k, v in train.items()]
+    return load_config(None, overrides)
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def student_params(run_dir: Path) -> dict[str, torch.Tensor]:
+    return AutoModelForCausalLM.from_pretrained(run_dir / "student").state_dict()
+
+
+def test_gradient_accumulation_matches_one_big_batch(workspace, tmp_path):
+    big = run_training(make_config(workspace, batch_size=4, grad_accum=1, max_steps=2), tmp_path / "big", progress=False)
+    small = run_training(make_config(workspace, batch_size=1, grad_accum=4, max_steps=2), tmp_path / "small", progress=False)
+    assert big["tokens_seen"] == small["tokens_seen"] == 2 * 4 * 32
+    a, b = student_params(tmp_path / "big"), student_params(tmp_path / "small")
+    moved = False
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
+    initial = AutoModelForCausalLM.from_pretrained(tmp_path / "big" / "student_init").state_dict()
+    moved = any(not torch.equal(a[n], initial[n]) for n in a)
+    assert moved, "training did not change the student"
+    la, lb = losses_by_step(tmp_path / "big"), losses_by_step(tmp_path / "small")
+    assert la.keys() == lb.keys() and all(abs(la[s] - lb[s]) < 1e-5 for s in la)
+
+
+def test_resume_continues_exactly(workspace, tmp_path):
+    # Dropout on: the RNG state must be restored too for the losses to match.
+    ws = {**workspace, "teacher": workspace["teacher_dropout"]}
+    full = make_config(ws, batch_size=2, max_steps=6, eval_every=2)
+    run_training(full, tmp_path / "full", progress=False)
+    part = tmp_path / "part"
+    first = run_training(full, part, stop_at_step=3, progress=False)
+    assert first["finished"] is False and RunDir(part).latest_checkpoint() is not None
+    assert not (part / "student").exists()
+    second = run_training(None, part, resume=True, progress=False)
+    assert second["finished"] is True and second["step"] == 6
+    lf, lp = losses_by_step(tmp_path / "full"), losses_by_step(part)
+    assert sorted(lf) == sorted(lp) == [1, 2, 3, 4, 5, 6]
+    for step in lf:
+        assert abs(lf[step] - lp[step]) < 1e-6, (step, lf[step], lp[step])
+    a, b = student_params(tmp_path / "full"), student_params(part)
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6, rtol=0), name
+
+
+def test_tiny_distillation_lowers_validation_loss(workspace, tmp_path):
+    summary = run_training(make_config(workspace, batch_size=4, max_steps=30, lr=3e-3, eval_every=10), tmp_path / "run", progress=False)
+    val = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val_loss" in r]
+    assert val[0]["step"] == 0 and val[-1]["step"] == 30
+    assert val[-1]["val_loss"] < val[0]["val_loss"] - 0.5, val
+    assert summary["finished"] and (tmp_path / "run" / "student" / "model.safetensors").is_file()
+    rows = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert {"kl", "ce", "cos", "lr", "grad_norm", "tokens_per_s", "tokens_seen"} <= rows[0].keys()
+    assert rows[-1]["tokens_seen"] == 30 * 4 * 32
+
+
+def test_token_budget_sets_steps(workspace, tmp_path):
+    summary = run_training(make_config(workspace, batch_size=2, max_steps=None, max_tokens=64 * 3), tmp_path / "run", progress=False)
+    assert summary["step"] == 3
+
+
+def test_run_dir_holding_another_run_is_refused(workspace, tmp_path):
+    run_training(make_config(workspace, max_steps=1), tmp_path / "run", progress=False)
+    with pytest.raises(RunDirError, match="different run.*--resume"):
+        run_training(make_config(workspace, max_steps=2), tmp_path / "run", progress=False)
+    with pytest.raises(RunDirError, match="no run to resume"):
+        run_training(None, tmp_path / "nothing", resume=True, progress=False)
+
+
+def test_failed_start_leaves_no_run_dir(workspace, tmp_path):
+    config = make_config(workspace, max_steps=1)
+    config.model.layers = [0, 9]
+    with pytest.raises(ConfigError, match="out of range"):
+        run_training(config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_block_size_beyond_context_is_refused(workspace, tmp_path):
+    config = make_config(workspace, max_steps=1)
+    config.data.block_size = 1024  # the tiny teacher has 128 positions
+    with pytest.raises(ConfigError, match="exceeds the teacher's context"):
+        run_training(config, tmp_path / "run", progress=False)
+
+
+def test_checkpoints_are_complete_and_pruned(workspace, tmp_path):
+    run_training(make_config(workspace, max_steps=4, checkpoint_every=1), tmp_path / "run", progress=False)
+    ckpts = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.is_dir())
+    assert ckpts == ["step_000003", "step_000004"]
+    latest = RunDir(tmp_path / "run").latest_checkpoint()
+    assert latest.name == "step_000004"
+    assert (latest / "student" / "model.safetensors").is_file() and (latest / "trainer_state.pt").is_file()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["step"] == 4
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_lr_schedule_shape(schedule):
+    factors = [lr_factor(s, 100, 0.1, schedule, 0.1) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a <= b for a, b in zip(factors[:10], factors[1:10]))
+    if schedule == "constant":
+        assert factors[-1] == 1.0
+    else:
+        assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
+        assert factors[-1] == pytest.approx(0.1 + 0.9 * (lr_factor(99, 100, 0.1, schedule, 0.0) - 0.0) / 1.0, abs=1e-9)
+        assert factors[-1] < 0.2
