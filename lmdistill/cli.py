@@ -83,13 +83,13 @@ def cmd_distill(args: argparse.Namespace) -> int:
     if args.resume:
         if args.config or args.overrides:
             raise ValueError("--resume continues a run with its saved config.yaml; drop --config and overrides")
-        run_training(None, Path(args.resume), resume=True)  # type: ignore[arg-type]
-        return 0
-    if not args.out:
-        raise ValueError("distill needs --out RUN_DIR (or --resume RUN_DIR)")
-    config = load_config(args.config, args.overrides)
-    run_training(config, Path(args.out))
-    return 0
+        summary = run_training(None, Path(args.resume), resume=True)  # type: ignore[arg-type]
+    else:
+        if not args.out:
+            raise ValueError("distill needs --out RUN_DIR (or --resume RUN_DIR)")
+        config = load_config(args.config, args.overrides)
+        summary = run_training(config, Path(args.out))
+    return 0 if summary["finished"] else 130
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -121,8 +121,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
-    run_demo(Path(args.out), minutes=args.minutes, eval_tokens=args.eval_tokens, resume=args.resume)
-    return 0
+    results = run_demo(Path(args.out), minutes=args.minutes, eval_tokens=args.eval_tokens, resume=args.resume)
+    return 0 if results else 130
 
 
 # ---------------------------------------------------------------------------------------

@@ -44,6 +44,9 @@ def run_demo(out: Path, minutes: float = 10.0, eval_tokens: int = 32768, resume:
         print(f"[demo] teacher {config.model.teacher} -> {config.model.num_layers}-layer student ({config.model.strategy}); "
               f"{minutes:g} minutes of training on {torch.get_num_threads()} threads")
         summary = run_training(config, out)
+    if not summary["finished"]:
+        print(f"[demo] training stopped early; continue with: lmdistill demo --resume --out {out}")
+        return {}
     train_seconds = summary.get("train_seconds")
 
     print("[demo] evaluating teacher, initialised student and distilled student on the test splits")

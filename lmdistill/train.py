@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,10 @@ from .models import (
     tokenizer_fingerprint,
 )
 from .student import build_student, check_shared_vocabulary, layer_map, save_model, validate_layer_map
+
+
+# Steps after which a time-budget run re-estimates how many steps fit in the budget.
+TIME_BUDGET_REESTIMATE = (3, 10, 30)
 
 
 class RunDirError(ValueError):
@@ -349,9 +355,11 @@ def run_training(config: RunConfig, out_dir: Path, resume: bool = False, stop_at
         print(f"[lmdistill] step 0: validation perplexity {row['val_ppl']:.2f}")
 
     time_budget = config.train.max_minutes * 60 if config.train.max_minutes else None
+    first_step_seconds = 0.0
+    schedule_from_time = time_budget is not None and total_steps_for(config, tokens_per_step) is None
     bar = tqdm(total=total_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
     interrupted = False
-    try:
+    with GracefulStop() as stop_request:
         while True:
             if total_steps is not None and step >= total_steps:
                 break
@@ -368,10 +376,14 @@ def run_training(config: RunConfig, out_dir: Path, resume: bool = False, stop_at
             step += 1
             tokens_seen += int(metrics.pop("tokens"))
             elapsed += seconds
-            if total_steps is None and time_budget is not None and step == 3:
-                # Lay the schedule over the steps the time budget allows at the measured speed.
-                total_steps = max(step + 1, int(time_budget / (elapsed / step)))
+            if schedule_from_time and step in TIME_BUDGET_REESTIMATE:
+                # Lay the schedule over the steps the time budget allows at the measured speed;
+                # re-measured a few times because the first steps are slow (allocator warm-up).
+                recent = (elapsed - first_step_seconds) / max(1, step - 1) if step > 1 else elapsed
+                total_steps = max(step + 1, step + int((time_budget - elapsed) / recent))
                 bar.total = total_steps
+            if step == 1:
+                first_step_seconds = seconds
             row = {"step": step, "tokens_seen": tokens_seen, "lr": config.train.lr * factor,
                    **{k: round(v, 6) for k, v in metrics.items()},
                    "tokens_per_s": round(tokens_per_step / seconds, 1), "elapsed_s": round(elapsed, 2)}
@@ -385,17 +397,13 @@ def run_training(config: RunConfig, out_dir: Path, resume: bool = False, stop_at
                 bar.write(f"[lmdistill] step {step}: validation perplexity {val['val_ppl']:.2f}")
             if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and not last:
                 checkpoint_now()
-            if stop_at_step is not None and step >= stop_at_step and not last:
+            if not last and (stop_request.requested or (stop_at_step is not None and step >= stop_at_step)):
                 checkpoint_now()
                 interrupted = True
                 break
-    except KeyboardInterrupt:
-        bar.close()
-        checkpoint_now()
-        print(f"\n[lmdistill] interrupted at step {step}; checkpoint written. Continue with: lmdistill distill --resume {run.root}")
-        raise
     bar.close()
     if interrupted:
+        print(f"[lmdistill] stopped at step {step}; checkpoint written. Continue with: lmdistill distill --resume {run.root}")
         return {"run_dir": str(run.root), "step": step, "tokens_seen": tokens_seen, "finished": False}
 
     final_val = {"step": step, "tokens_seen": tokens_seen, **validate(setup, val_tokens)}
@@ -413,6 +421,34 @@ def run_training(config: RunConfig, out_dir: Path, resume: bool = False, stop_at
     return summary
 
 
+class GracefulStop:
+    """First Ctrl-C (or SIGTERM): finish the current step, checkpoint, stop. Second: stop at once.
+
+    Stopping between steps keeps the checkpoint consistent (no half-applied optimiser step or
+    sampler that ran ahead of the weights); an immediate stop falls back to the last checkpoint.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\n[lmdistill] stopping after this step (press Ctrl-C again to stop at once)", flush=True)
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 def _estimate_total_steps(elapsed: float, step: int, time_budget: float | None) -> int:
-    # Before the speed is measured (first 3 steps of a time-budget run) warm-up runs on a guess.
+    # Before the speed is measured (first steps of a time-budget run) warm-up runs on a guess.
     return 100 if step == 0 or time_budget is None else max(step + 1, int(time_budget / (elapsed / step)))
