@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -129,16 +130,17 @@ class TrainConfig:
         _check(self.batch_size >= 1, "train.batch_size", "must be at least 1")
         _check(self.grad_accum >= 1, "train.grad_accum", "must be at least 1")
         _check(math.isfinite(self.lr) and 0 < self.lr < 1, "train.lr", f"{self.lr} must be in (0, 1)")
-        _check(self.adam_eps > 0, "train.adam_eps", "must be > 0")
-        _check(self.weight_decay >= 0, "train.weight_decay", "must be >= 0")
+        _check(math.isfinite(self.adam_eps) and self.adam_eps > 0, "train.adam_eps", f"{self.adam_eps} must be a finite number > 0")
+        _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "train.weight_decay", f"{self.weight_decay} must be a finite number >= 0")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", "must be two numbers in [0, 1)")
-        _check(self.warmup >= 0, "train.warmup", "must be >= 0")
+        _check(math.isfinite(self.warmup) and self.warmup >= 0, "train.warmup", f"{self.warmup} must be a finite number >= 0")
         _check(self.schedule in ("linear", "cosine", "constant"), "train.schedule", f"{self.schedule!r} is not one of linear, cosine, constant")
         _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be at least 1")
         _check(self.max_tokens is None or self.max_tokens >= 1, "train.max_tokens", "must be at least 1")
-        _check(self.max_minutes is None or self.max_minutes > 0, "train.max_minutes", "must be > 0")
+        _check(self.max_minutes is None or (math.isfinite(self.max_minutes) and self.max_minutes > 0), "train.max_minutes", "must be a finite number > 0")
+        _check(self.estimated_steps is None or self.estimated_steps >= 1, "train.estimated_steps", "must be at least 1")
         _check(
             any(v is not None for v in (self.max_steps, self.max_tokens, self.max_minutes)),
             "train", "set a budget: max_steps, max_tokens or max_minutes",
@@ -147,6 +149,11 @@ class TrainConfig:
         _check(self.eval_tokens >= 1, "train.eval_tokens", "must be at least 1")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
         _check(self.threads is None or self.threads >= 1, "train.threads", "must be at least 1")
+        _check(self.seed >= 0, "train.seed", f"{self.seed} must be >= 0")
+        _check(
+            self.device in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", self.device) is not None,
+            "train.device", f"{self.device!r} is not one of auto, cpu, cuda, cuda:N, mps",
+        )
 
 
 @dataclass
@@ -200,6 +207,8 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
             (item,) = get_args(target)
             if isinstance(value, str):
                 value = [v for v in value.split(",") if v.strip()]
+            elif not isinstance(value, (list, tuple)):
+                value = [value]  # a single value for a list field: model.layers=3
             return [_coerce(v, item, name) for v in value]
         if target is bool:
             if isinstance(value, str):
@@ -209,6 +218,8 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
                     return False
                 raise ValueError(value)
             return bool(value)
+        if target in (int, float) and isinstance(value, bool):
+            raise ValueError(value)  # YAML's true/false are not numbers here
         if target is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
@@ -236,7 +247,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not sep or "." not in key:
             raise ConfigError(f"override {override!r} must look like section.field=value (e.g. train.max_steps=100)")
         section, name = key.split(".", 1)
-        data.setdefault(section, {})
+        if data.get(section) is None:
+            data[section] = {}  # absent, or present in the YAML with every field commented out
         if not isinstance(data[section], dict):
             raise ConfigError(f"config section {section} must be a mapping")
         data[section][name] = yaml.safe_load(raw) if raw else None

@@ -135,33 +135,39 @@ GPT2_FAMILY_TOKENIZER_IDS = {"gpt2", "openai-community/gpt2", "distilgpt2", "dis
 
 
 def load_tokenizer(spec: str | Path) -> PreTrainedTokenizerBase:
-    """A fast tokenizer for a MODEL argument (alias, .gguf file, HF folder or hub id)."""
+    """A fast tokenizer for a MODEL argument (alias, .gguf file, HF folder or hub id).
+
+    A folder holding only tokenizer files (no config.json) is accepted too.
+    """
     spec = str(spec)
-    if spec in MODEL_ALIASES:
-        return load_tokenizer(ensure_alias_cached(spec))
-    path = Path(spec)
-    if spec.endswith(".gguf"):
-        if not path.is_file():
-            raise ModelError(f"GGUF file {spec} does not exist; check the path")
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    if path.is_dir():
-        try:
-            return AutoTokenizer.from_pretrained(str(path))
-        except (OSError, ValueError) as err:
-            raise ModelError(
-                f"no tokenizer files in {path}; save one there with "
-                f"tokenizer.save_pretrained({str(path)!r}) or pass --tokenizer"
-            ) from err
+    if Path(spec).is_dir() and not (Path(spec) / "config.json").is_file():
+        return _tokenizer_from_folder(spec)
     if spec in GPT2_FAMILY_TOKENIZER_IDS or spec.startswith("gpt2-") or spec.startswith("openai-community/gpt2"):
         # Every GPT-2 size shares one tokenizer; prefer the hub copy, fall back to the bundled files.
         try:
             return _from_hub(AutoTokenizer, spec)
         except (OSError, ValueError):
             return _offline_gpt2_tokenizer()
+    kind, location = classify_model_spec(spec)
+    if kind == "gguf":
+        path = Path(location)
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if kind == "folder":
+        return _tokenizer_from_folder(location)
     try:
-        return _from_hub(AutoTokenizer, spec)
+        return _from_hub(AutoTokenizer, location)
     except (OSError, ValueError) as err:
-        raise ModelError(_unresolvable(spec)) from err
+        raise ModelError(_unresolvable(location)) from err
+
+
+def _tokenizer_from_folder(folder: str) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:
+        raise ModelError(
+            f"no tokenizer files in {folder}; save one there with "
+            f"tokenizer.save_pretrained({folder!r}) or pass another --tokenizer"
+        ) from err
 
 
 _HUB_REACHABLE: bool | None = None
@@ -274,36 +280,51 @@ def ensure_alias_cached(alias: str) -> Path:
     return convert_gguf(gguf, out)
 
 
-def resolve_model_path(spec: str | Path) -> str:
-    """A string ``from_pretrained`` accepts: a cached folder for aliases, else the argument."""
+def classify_model_spec(spec: str | Path) -> tuple[str, str]:
+    """``(kind, location)`` for a MODEL argument, checking local paths before anything loads.
+
+    kind is ``folder`` (a Hugging Face folder, aliases resolved to their cache), ``gguf`` or
+    ``hub``; a path that cannot be used raises :class:`ModelError` naming the fix.
+    """
     spec = str(spec)
     if spec in MODEL_ALIASES:
-        return str(ensure_alias_cached(spec))
-    return spec
+        return "folder", str(ensure_alias_cached(spec))
+    path = Path(spec)
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ModelError(f"GGUF file {spec} does not exist; check the path")
+        return "gguf", spec
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is not a Hugging Face model folder (no config.json); pass the folder that save_pretrained wrote")
+        return "folder", spec
+    # A hub id is "name" or "org/name"; anything else that looks like a path must exist.
+    if path.is_absolute() or spec.startswith(".") or spec.count("/") > 1 or path.suffix:
+        raise ModelError(f"model path {spec} does not exist; check the path")
+    return "hub", spec
+
+
+def _load_pretrained(loader, spec: str | Path, **kwargs):
+    kind, location = classify_model_spec(spec)
+    if kind == "gguf":
+        path = Path(location)
+        return loader.from_pretrained(str(path.parent), gguf_file=path.name, **kwargs)
+    if kind == "folder":
+        return loader.from_pretrained(location, **kwargs)
+    try:
+        return _from_hub(loader, location, **kwargs)
+    except (OSError, ValueError) as err:
+        raise ModelError(_unresolvable(location)) from err
 
 
 def load_model(spec: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> PreTrainedModel:
     """A causal LM for a MODEL argument, in eval mode."""
-    spec = str(spec)
-    path = Path(spec)
-    if spec in MODEL_ALIASES:
-        model = AutoModelForCausalLM.from_pretrained(str(ensure_alias_cached(spec)), dtype=dtype)
-    elif spec.endswith(".gguf"):
-        if not path.is_file():
-            raise ModelError(f"GGUF file {spec} does not exist; check the path")
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-    elif path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ModelError(f"{path} is not a Hugging Face model folder (no config.json); pass the folder that save_pretrained wrote")
-        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-    else:
-        if path.suffix or os.sep in spec and not spec.count("/") == 1:
-            raise ModelError(f"model path {spec} does not exist; check the path")
-        try:
-            model = _from_hub(AutoModelForCausalLM, spec, dtype=dtype)
-        except (OSError, ValueError) as err:
-            raise ModelError(_unresolvable(spec)) from err
-    return model.to(device).eval()
+    return _load_pretrained(AutoModelForCausalLM, spec, dtype=dtype).to(device).eval()
+
+
+def model_config(spec: str | Path) -> AutoConfig:
+    """The config of a MODEL argument without loading its weights (for early checks)."""
+    return _load_pretrained(AutoConfig, spec)
 
 
 # ---------------------------------------------------------------------------------------
@@ -407,17 +428,3 @@ def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
         seen.add(id(param))
         total += param.numel()
     return total
-
-
-def model_config(spec: str | Path) -> AutoConfig:
-    """The config of a MODEL argument without loading its weights (for early checks)."""
-    spec = resolve_model_path(spec)
-    if spec.endswith(".gguf"):
-        path = Path(spec)
-        return AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
-    if Path(spec).is_dir():
-        return AutoConfig.from_pretrained(spec)
-    try:
-        return _from_hub(AutoConfig, spec)
-    except (OSError, ValueError) as err:
-        raise ModelError(_unresolvable(spec)) from err

@@ -313,6 +313,10 @@ def run_training(config: RunConfig, out_dir: Path, resume: bool = False, stop_at
     check_run_dir(run, config, resume)
     if resume:
         config = load_config(run.config)
+        finished = run.root / "summary.json"
+        if finished.is_file():
+            print(f"[lmdistill] {run.root} already finished; nothing to resume")
+            return json.loads(finished.read_text())
     checkpoint = run.latest_checkpoint() if resume else None
     if setup is None:
         setup = build_setup(config, student_init=checkpoint / "student" if checkpoint else None)

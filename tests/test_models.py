@@ -140,14 +140,11 @@ def test_load_model_round_trip(tmp_path, gpt2_tokenizer):
     assert config.n_layer == 2 and config.vocab_size == 50257
 
 
-@pytest.mark.xfail(reason="BUG: models.model_config lacks load_model's path checks (raw OSError / transformers ValueError)", strict=True)
 def test_model_config_missing_gguf(tmp_path):
     with pytest.raises(ModelError, match="does not exist"):
         model_config(str(tmp_path / "model.gguf"))
 
 
-@pytest.mark.xfail(reason="BUG: models.model_config on a folder without config.json raises transformers' "
-                          "'Unrecognized model ... model_type' ValueError instead of ModelError", strict=True)
 def test_model_config_folder_without_config(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelError, match="no config.json"):
