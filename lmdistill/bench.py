@@ -28,8 +28,8 @@ __all__ = ["GenerationSpeed", "generation_speed", "generation_speeds", "paramete
 class GenerationSpeed:
     """Decoding speed of one model; medians over the timed repeats."""
 
-    tokens_per_second: float  # median over repeats of new_tokens / seconds
-    seconds_per_token: float  # median over repeats of seconds / new_tokens
+    tokens_per_second: float  # new_tokens / median seconds over repeats
+    seconds_per_token: float  # median seconds / new_tokens
     spread: float  # (max - min) / median of tokens/s over repeats: the run-to-run noise
     prompt_tokens: int
     new_tokens: int
@@ -123,12 +123,13 @@ def generation_speeds(
 
 
 def _summarise(seconds: list[float], prompt_tokens: int, new_tokens: int, threads: int, device: str) -> GenerationSpeed:
+    # Both speeds come from the one median time, so they are exact inverses.
+    median_seconds = statistics.median(seconds)
     rates = [new_tokens / s for s in seconds]
-    median_rate = statistics.median(rates)
     return GenerationSpeed(
-        tokens_per_second=median_rate,
-        seconds_per_token=statistics.median(s / new_tokens for s in seconds),
-        spread=(max(rates) - min(rates)) / median_rate,
+        tokens_per_second=new_tokens / median_seconds,
+        seconds_per_token=median_seconds / new_tokens,
+        spread=(max(rates) - min(rates)) / (new_tokens / median_seconds),
         prompt_tokens=prompt_tokens,
         new_tokens=new_tokens,
         repeats=len(seconds),

@@ -19,10 +19,8 @@ replaced atomically after that, so ``latest`` only ever names a complete checkpo
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .atomic import build_dir_atomic, write_text_atomic
 from .student import save_model
 
 KEEP_CHECKPOINTS = 2
@@ -65,21 +64,14 @@ class RunDir:
         return self.root / "report.md"
 
     def latest_checkpoint(self) -> Path | None:
+        """The checkpoint ``latest`` names, or the newest complete one if that is gone."""
         pointer = self.checkpoints / "latest"
-        if not pointer.is_file():
-            return None
-        path = self.checkpoints / pointer.read_text().strip()
-        return path if (path / "trainer_state.pt").is_file() else None
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+        if pointer.is_file():
+            path = self.checkpoints / pointer.read_text().strip()
+            if (path / "trainer_state.pt").is_file():
+                return path
+        found = complete_checkpoints(self)
+        return found[-1] if found else None
 
 
 def rng_state() -> dict[str, Any]:
@@ -100,25 +92,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save_checkpoint(run: RunDir, step: int, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None,
                     trainer_state: dict[str, Any]) -> Path:
     """Write ``checkpoints/step_N`` atomically, point ``latest`` at it, drop old ones."""
-    run.checkpoints.mkdir(parents=True, exist_ok=True)
     name = f"step_{step:06d}"
-    final = run.checkpoints / name
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=run.checkpoints))
-    try:
+
+    def build(tmp: Path) -> None:
         save_model(student, tokenizer, tmp / "student")
-        state_tmp = tmp / "trainer_state.pt.tmp"
-        torch.save({**trainer_state, "rng": rng_state()}, state_tmp)
-        os.replace(state_tmp, tmp / "trainer_state.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        torch.save({**trainer_state, "rng": rng_state()}, tmp / "trainer_state.pt")
+
+    final = build_dir_atomic(run.checkpoints / name, build)
     write_text_atomic(run.checkpoints / "latest", name + "\n")
-    for old in sorted(p for p in run.checkpoints.glob("step_*") if p.is_dir())[:-KEEP_CHECKPOINTS]:
+    for old in complete_checkpoints(run)[:-KEEP_CHECKPOINTS]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def complete_checkpoints(run: RunDir) -> list[Path]:
+    """Finished checkpoint folders, oldest first (by step number, not by name)."""
+    found = [p for p in run.checkpoints.glob("step_*") if (p / "trainer_state.pt").is_file()]
+    return sorted(found, key=lambda p: int(p.name.split("_", 1)[1]))
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:

@@ -48,32 +48,23 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_init_student(args: argparse.Namespace) -> int:
-    from .models import count_parameters, decoder_layers, load_model, load_tokenizer
-    from .student import build_student, layer_map, save_model, validate_layer_map
-    from .models import model_config
+    from .models import config_num_layers, count_parameters, decoder_layers, load_model, load_tokenizer, model_config
+    from .student import build_student, resolve_layer_map, save_model
 
-    num_teacher = _num_layers(model_config(args.teacher))
-    if args.layers is not None:
-        layers = validate_layer_map(args.layers, num_teacher)
-    else:
-        layers = layer_map(num_teacher, args.num_layers or max(1, num_teacher // 2), args.strategy)
-    teacher = load_model(args.teacher)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"{out} already exists; choose another --out or delete it first")
+    layers = resolve_layer_map(config_num_layers(model_config(args.teacher)), args.layers, args.num_layers, args.strategy)
     tokenizer = load_tokenizer(args.teacher)
+    teacher = load_model(args.teacher)
     student = build_student(teacher, layers, random_init=args.random_init, seed=args.seed)
-    save_model(student, tokenizer, Path(args.out))
+    save_model(student, tokenizer, out)
     t_params, s_params = count_parameters(teacher), count_parameters(student)
     init = "random weights" if args.random_init else f"teacher layers {layers}"
     print(f"teacher: {len(decoder_layers(teacher))} layers, {t_params / 1e6:.1f}M parameters")
     print(f"student: {len(layers)} layers, {s_params / 1e6:.1f}M parameters ({s_params / t_params:.0%}), {init}")
-    print(f"wrote {args.out}")
+    print(f"wrote {out}")
     return 0
-
-
-def _num_layers(config) -> int:
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if getattr(config, key, None):
-            return int(getattr(config, key))
-    raise ValueError("cannot tell how many layers the teacher has from its config")
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -95,8 +86,10 @@ def cmd_distill(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .evaluate.runner import evaluate_models, format_table
 
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     results = evaluate_models(args.models, args.data, split=args.split, window=args.window, stride=args.stride,
-                              max_tokens=args.max_tokens, batch_size=args.batch_size)
+                              max_tokens=args.max_tokens, batch_size=args.batch_size, device=args.device)
     print(format_table(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
@@ -105,12 +98,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import SamplingConfig, generate
-    from .models import load_model, load_tokenizer
+    from .models import load_model, load_tokenizer, resolve_device
 
-    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
-    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
+    if not args.prompt and sys.stdin.isatty():
+        raise ValueError("give a prompt with --prompt TEXT, or pipe prompts on standard input (one per line)")
+    tokenizer = load_tokenizer(args.model)
+    model = load_model(args.model, device=resolve_device(args.device))
+    prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     for prompt in prompts:
         print(prompt, end="", flush=True)
         generate(model, tokenizer, prompt, sampling, stream=lambda piece: print(piece, end="", flush=True))
@@ -158,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser("eval", help="perplexity of one or more models, side by side")
-    p.add_argument("models", nargs="+", help="MODELs to evaluate (the first is the reference)")
+    p.add_argument("models", nargs="+", help="MODELs to evaluate, one table row each")
     p.add_argument("--data", nargs="+", default=["corpus:all"], help="text sources; corpus:all is evaluated per corpus")
     p.add_argument("--split", default="test", choices=["train", "validation", "test"])
     p.add_argument("--window", type=int, default=512, help="tokens per forward pass")
@@ -166,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of each source")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--json", help="also write the results as JSON")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="continue prompts (from --prompt or stdin)")
@@ -177,6 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="distil the bundled SmolLM2-135M into 15 layers and compare")
@@ -198,10 +196,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except KeyboardInterrupt:
+        print(f"\nlmdistill {args.command}: interrupted", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, FloatingPointError) as err:
-        # Our errors (ConfigError, DataError, ModelError, RunDirError) are ValueErrors whose
-        # message names the fix; show it without a traceback.
+        # Bad input (ConfigError, DataError, ModelError, RunDirError and the checks of the
+        # library's dataclasses) is reported as one line that names the fix;
+        # LMDISTILL_DEBUG=1 shows the traceback instead.
+        if os.environ.get("LMDISTILL_DEBUG"):
+            raise
         print(f"lmdistill {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -111,9 +111,7 @@ class TrainConfig:
     max_tokens: int | None = None
     """Budget in training tokens (converted to steps)."""
     max_minutes: float | None = None
-    """Budget in wall-clock minutes of training; the schedule assumes the step estimate below."""
-    estimated_steps: int | None = None
-    """For a time budget: the number of steps the schedule is laid out over (default: measured speed)."""
+    """Budget in minutes of training steps (validation and checkpoints not counted); the schedule follows the time used."""
     eval_every: int = 50
     """Validate every N steps (0: only at the end)."""
     eval_tokens: int = 8192
@@ -140,10 +138,13 @@ class TrainConfig:
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be at least 1")
         _check(self.max_tokens is None or self.max_tokens >= 1, "train.max_tokens", "must be at least 1")
         _check(self.max_minutes is None or (math.isfinite(self.max_minutes) and self.max_minutes > 0), "train.max_minutes", "must be a finite number > 0")
-        _check(self.estimated_steps is None or self.estimated_steps >= 1, "train.estimated_steps", "must be at least 1")
         _check(
             any(v is not None for v in (self.max_steps, self.max_tokens, self.max_minutes)),
             "train", "set a budget: max_steps, max_tokens or max_minutes",
+        )
+        _check(
+            self.warmup < 1 or self.max_steps is not None or self.max_tokens is not None, "train.warmup",
+            "with only a time budget (max_minutes) give warm-up as a fraction of the budget, e.g. 0.05",
         )
         _check(self.eval_every >= 0, "train.eval_every", "must be >= 0")
         _check(self.eval_tokens >= 1, "train.eval_tokens", "must be at least 1")

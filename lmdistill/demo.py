@@ -16,13 +16,14 @@ from typing import Any
 import torch
 
 from .bench import generation_speeds, parameter_counts
-from .checkpoint import RunDir, write_text_atomic
+from .atomic import write_text_atomic
+from .checkpoint import RunDir
 from .config import load_config
 from .data.corpora import CORPORA
 from .evaluate.perplexity import PerplexityProtocol
 from .evaluate.runner import TokenCache, evaluate_model
 from .generate import SamplingConfig, generate
-from .models import load_model
+from .models import load_model, load_tokenizer
 from .train import run_training
 
 RECIPE = "smollm2-demo"
@@ -35,30 +36,35 @@ EVAL_WINDOW = 512
 
 
 def run_demo(out: Path, minutes: float = 10.0, eval_tokens: int = 32768, resume: bool = False) -> dict[str, Any]:
+    """Run the whole demo; returns the results, or {} when training was stopped early."""
     run = RunDir(out)
     started = time.perf_counter()
-    config = load_config(RECIPE, [f"train.max_minutes={minutes}"])
+    # Checked before training so a bad value cannot waste the training budget.
+    protocol = PerplexityProtocol(window=EVAL_WINDOW, max_tokens=eval_tokens, batch_size=4)
     if resume:
-        summary = run_training(None, out, resume=True)  # type: ignore[arg-type]
+        if not run.config.is_file():
+            raise ValueError(f"{out} holds no demo to resume; start one with lmdistill demo --out {out}")
+        config = load_config(run.config)
+        summary = run_training(None, out, resume=True)
     else:
+        if run.config.is_file():
+            raise ValueError(f"{out} already holds a demo run; continue it with lmdistill demo --resume --out {out} "
+                             f"or choose another --out")
+        config = load_config(RECIPE, [f"train.max_minutes={minutes}"])
         print(f"[demo] teacher {config.model.teacher} -> {config.model.num_layers}-layer student ({config.model.strategy}); "
               f"{minutes:g} minutes of training on {torch.get_num_threads()} threads")
         summary = run_training(config, out)
     if not summary["finished"]:
         print(f"[demo] training stopped early; continue with: lmdistill demo --resume --out {out}")
         return {}
-    train_seconds = summary.get("train_seconds")
 
     print("[demo] evaluating teacher, initialised student and distilled student on the test splits")
     names = {"teacher": config.model.teacher, "student (initialised)": str(run.student_init),
              "student (distilled)": str(run.student)}
     sources = [f"corpus:{name}" for name in CORPORA]
-    protocol = PerplexityProtocol(window=EVAL_WINDOW, max_tokens=eval_tokens, batch_size=4)
     cache = TokenCache("test")
-    models = {label: load_model(spec) for label, spec in names.items()}
-    from .models import load_tokenizer
-
     tokenizer = load_tokenizer(config.model.teacher)
+    models = {label: load_model(spec) for label, spec in names.items()}
     rows = {label: evaluate_model(model, tokenizer, sources, cache, protocol, name=label) for label, model in models.items()}
 
     prompt_ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
@@ -69,8 +75,8 @@ def run_demo(out: Path, minutes: float = 10.0, eval_tokens: int = 32768, resume:
                for label in ("teacher", "student (distilled)")}
 
     results = {
-        "protocol": protocol.describe() + f"; test split of each bundled corpus",
-        "train": summary, "train_minutes_budget": minutes,
+        "protocol": protocol.describe() + "; test split of each bundled corpus",
+        "train": summary, "train_minutes_budget": config.train.max_minutes,
         "models": {label: {"path": names[label], "parameters": params[label],
                            "perplexity": {s: rows[label]["perplexity"][s]["perplexity"] for s in sources},
                            "tokens_scored": {s: rows[label]["perplexity"][s]["tokens_scored"] for s in sources},
@@ -83,7 +89,7 @@ def run_demo(out: Path, minutes: float = 10.0, eval_tokens: int = 32768, resume:
     write_text_atomic(run.report, text)
     print()
     print(text)
-    print(f"[demo] wrote {run.report} and {out / 'results.json'}; trained {train_seconds} s")
+    print(f"[demo] wrote {run.report} and {out / 'results.json'}; total {results['total_seconds']:.0f} s")
     return results
 
 

@@ -21,9 +21,8 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import socket
-import tempfile
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +36,8 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from .atomic import build_dir_atomic, copy_atomic
 
 
 class ModelError(ValueError):
@@ -113,15 +114,9 @@ def gpt2_tokenizer_files() -> Path:
     out = cache_dir() / "tokenizers" / "gpt2"
     if not (out / "vocab.json").is_file() or not (out / "merges.txt").is_file():
         out.mkdir(parents=True, exist_ok=True)
-        _atomic_copy(pkg / "data" / "encoder.json", out / "vocab.json")
-        _atomic_copy(pkg / "data" / "vocab.bpe", out / "merges.txt")
+        copy_atomic(pkg / "data" / "encoder.json", out / "vocab.json")
+        copy_atomic(pkg / "data" / "vocab.bpe", out / "merges.txt")
     return out
-
-
-def _atomic_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 def _offline_gpt2_tokenizer() -> PreTrainedTokenizerBase:
@@ -183,10 +178,14 @@ def hub_reachable() -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
     if _HUB_REACHABLE is None:
+        # urllib honours HTTPS_PROXY; HF_ENDPOINT points at a mirror when one is used.
+        endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
         try:
-            socket.create_connection(("huggingface.co", 443), timeout=3).close()
+            urllib.request.urlopen(urllib.request.Request(endpoint + "/api/models?limit=1", method="HEAD"), timeout=3).close()
             _HUB_REACHABLE = True
-        except OSError:
+        except urllib.error.HTTPError:
+            _HUB_REACHABLE = True  # it answered, even if with an error status
+        except (OSError, ValueError):
             _HUB_REACHABLE = False
     return _HUB_REACHABLE
 
@@ -240,17 +239,14 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
         delattr(config, "quantization_config")
     plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     plain.load_state_dict(loaded.state_dict())
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".", dir=out_dir.parent))
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    (tmp / "lmdistill_source.json").write_text(
-        json.dumps({"gguf": gguf.name, "gguf_bytes": gguf.stat().st_size, "weights_sha256": _weights_hash(tmp)}, indent=2)
-    )
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
+
+    def build(tmp: Path) -> None:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        record = {"gguf": gguf.name, "gguf_bytes": gguf.stat().st_size, "weights_sha256": _weights_hash(tmp)}
+        (tmp / "lmdistill_source.json").write_text(json.dumps(record, indent=2))
+
+    return build_dir_atomic(out_dir, build)
 
 
 def _weights_hash(folder: Path) -> str:
@@ -272,12 +268,24 @@ def ensure_alias_cached(alias: str) -> Path:
     out = cache_dir() / "models" / alias
     record = out / "lmdistill_source.json"
     if record.is_file():
+        key = (str(out), tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(out.glob("*.safetensors"))))
+        if key in _VERIFIED:
+            return out
         meta = json.loads(record.read_text())
         if meta.get("gguf_bytes") == gguf.stat().st_size and meta.get("weights_sha256") == _weights_hash(out):
+            _VERIFIED.add(key)
             return out
         print(f"[lmdistill] cached copy of {alias} at {out} failed verification; rebuilding")
     print(f"[lmdistill] converting {gguf.name} to float32 safetensors in {out} (once)")
     return convert_gguf(gguf, out)
+
+
+# Cache folders already hashed by this process (keyed by file sizes and times), so that the
+# several loads of one command hash the 540 MB of weights once.
+_VERIFIED: set[tuple] = set()
+
+
+LOCAL_SUFFIXES = {".gguf", ".safetensors", ".bin", ".json", ".pt", ".pth"}
 
 
 def classify_model_spec(spec: str | Path) -> tuple[str, str]:
@@ -298,8 +306,9 @@ def classify_model_spec(spec: str | Path) -> tuple[str, str]:
         if not (path / "config.json").is_file():
             raise ModelError(f"{path} is not a Hugging Face model folder (no config.json); pass the folder that save_pretrained wrote")
         return "folder", spec
-    # A hub id is "name" or "org/name"; anything else that looks like a path must exist.
-    if path.is_absolute() or spec.startswith(".") or spec.count("/") > 1 or path.suffix:
+    # A hub id is "name" or "org/name" (dots allowed: gpt-neo-1.3B); anything else that
+    # looks like a path must exist.
+    if path.is_absolute() or spec.startswith(".") or spec.count("/") > 1 or path.suffix in LOCAL_SUFFIXES:
         raise ModelError(f"model path {spec} does not exist; check the path")
     return "hub", spec
 
@@ -365,10 +374,6 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
-def get_submodule(model: nn.Module, path: str) -> nn.Module:
-    return model.get_submodule(path)
-
-
 def architecture_of(model: PreTrainedModel) -> Architecture:
     """The adapter for a model: a known family, or one found by looking for its parts."""
     model_type = getattr(model.config, "model_type", "")
@@ -428,3 +433,30 @@ def count_parameters(model: nn.Module, exclude_embeddings: bool = False) -> int:
         seen.add(id(param))
         total += param.numel()
     return total
+
+
+def config_num_layers(config) -> int:
+    """Decoder layers of a model config, whatever the family calls the field."""
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    raise ModelError(f"cannot tell how many layers a {getattr(config, 'model_type', '?')} model has from its config")
+
+
+def config_context_length(config) -> int | None:
+    """Maximum sequence length of a model config, or None when it does not say."""
+    for key in ("max_position_embeddings", "n_positions"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    return None
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when visible; an unavailable device is refused with the fix."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {name} asked for but no CUDA device is visible; use cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ModelError("device mps asked for but not available; use cpu or auto")
+    return torch.device(name)

@@ -10,14 +10,12 @@ teacher ties) and decoder layer ``i`` of the student is a copy of teacher layer
 from __future__ import annotations
 
 import copy
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from .atomic import build_dir_atomic
 from .models import ModelError, architecture_of, decoder_layers
 
 STRATEGIES = ("every-other", "uniform", "first")
@@ -29,8 +27,9 @@ DISTILGPT2_MAP = [0, 2, 4, 7, 9, 11]
 def layer_map(num_teacher_layers: int, num_student_layers: int, strategy: str = "every-other") -> list[int]:
     """Which teacher layers the student keeps, in order.
 
-    - ``every-other``: 0, 2, 4, ... when the student has half the depth or less, spread
-      evenly otherwise; a 12 → 6 cut gives DistilGPT2's 0, 2, 4, 7, 9, 11.
+    - ``every-other``: 0, 2, 4, ... when the student has exactly half the depth (except
+      12 → 6, which gives DistilGPT2's 0, 2, 4, 7, 9, 11); evenly spread like ``uniform``
+      for any other depth.
     - ``uniform``: evenly spaced from the first to the last layer (both kept).
     - ``first``: the bottom N layers.
     """
@@ -53,6 +52,15 @@ def layer_map(num_teacher_layers: int, num_student_layers: int, strategy: str = 
         return [0]
     # Evenly spaced, first and last kept: round(i * (n-1) / (k-1)).
     return [round(i * (n - 1) / (k - 1)) for i in range(k)]
+
+
+def resolve_layer_map(num_teacher_layers: int, layers: list[int] | None = None, num_layers: int | None = None,
+                      strategy: str = "every-other") -> list[int]:
+    """The student's layer map from an explicit list, or a depth (default half) and a strategy."""
+    if layers is not None:
+        return validate_layer_map(layers, num_teacher_layers)
+    depth = num_layers if num_layers is not None else max(1, num_teacher_layers // 2)
+    return layer_map(num_teacher_layers, depth, strategy)
 
 
 def validate_layer_map(layers: list[int], num_teacher_layers: int) -> list[int]:
@@ -102,7 +110,7 @@ def build_student(teacher: PreTrainedModel, layers: list[int], random_init: bool
             source = name
         if source not in teacher_state:
             raise ModelError(f"student tensor {name} has no counterpart {source} in the teacher; report this model type")
-        new_state[name] = teacher_state[source].detach().clone()
+        new_state[name] = teacher_state[source]  # load_state_dict copies
     student.load_state_dict(new_state, strict=True)
     if getattr(config, "tie_word_embeddings", False):
         student.tie_weights()
@@ -147,23 +155,10 @@ def check_shared_vocabulary(teacher: PreTrainedModel, student: PreTrainedModel,
 
 def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: Path) -> Path:
     """Write a normal Hugging Face folder (config.json, model.safetensors, tokenizer files) atomically."""
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+
+    def build(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old")
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(out_dir, old)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+
+    return build_dir_atomic(Path(out_dir), build)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
+import os
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,28 +31,28 @@ from .checkpoint import (
     save_checkpoint,
     set_rng_state,
     truncate_metrics,
-    write_text_atomic,
 )
+from .atomic import write_text_atomic
 from .config import ConfigError, RunConfig, load_config
 from .data.prepare import PreparedData, prepare
 from .data.sampler import BlockSampler
 from .evaluate.perplexity import PerplexityProtocol, perplexity
 from .losses import LossWeights, distillation_loss
+from .schedule import Budget, lr_factor
 from .models import (
     architecture_of,
     cache_dir,
+    config_context_length,
+    config_num_layers,
     count_parameters,
     decoder_layers,
     load_model,
     load_tokenizer,
     model_config,
+    resolve_device,
     tokenizer_fingerprint,
 )
-from .student import build_student, check_shared_vocabulary, layer_map, save_model, validate_layer_map
-
-
-# Steps after which a time-budget run re-estimates how many steps fit in the budget.
-TIME_BUDGET_REESTIMATE = (3, 10, 30)
+from .student import build_student, check_shared_vocabulary, resolve_layer_map, save_model
 
 
 class RunDirError(ValueError):
@@ -74,15 +74,6 @@ class Setup:
     data: PreparedData
     device: torch.device
     weights: LossWeights
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"config value train.device: {name} asked for but no CUDA device is visible; use cpu or auto")
-    return torch.device(name)
 
 
 def loss_weights(config: RunConfig) -> LossWeights:
@@ -95,33 +86,35 @@ def needs_teacher(weights: LossWeights) -> bool:
 
 
 def check_config_against_models(config: RunConfig) -> None:
-    """Cheap checks from the model configs alone, before any weights are loaded."""
+    """Cheap checks from the model configs and tokenizers, before any weights or data load."""
     teacher_cfg = model_config(config.model.teacher)
+    contexts = {"teacher": config_context_length(teacher_cfg)}
     if config.model.student is not None:
         student_cfg = model_config(config.model.student)
+        contexts["student"] = config_context_length(student_cfg)
         if getattr(teacher_cfg, "vocab_size", None) != getattr(student_cfg, "vocab_size", None):
             raise ConfigError(
                 f"teacher {config.model.teacher} and student {config.model.student} have different vocabularies "
                 f"({teacher_cfg.vocab_size} vs {student_cfg.vocab_size} tokens): logit distillation needs a shared "
                 f"tokenizer. Cut a student from the teacher (leave model.student empty) or pick one that shares it."
             )
-    context = getattr(teacher_cfg, "max_position_embeddings", None) or getattr(teacher_cfg, "n_positions", None)
-    if context is not None and config.data.block_size > context:
-        raise ConfigError(
-            f"config value data.block_size: {config.data.block_size} exceeds the teacher's context of {context} tokens; "
-            f"set data.block_size={context} or less"
-        )
-    num_teacher = getattr(teacher_cfg, "num_hidden_layers", None) or getattr(teacher_cfg, "n_layer", None)
-    if config.model.student is None and num_teacher is not None:
-        if config.model.layers is not None:
-            try:
-                validate_layer_map(config.model.layers, num_teacher)
-            except ValueError as err:
-                raise ConfigError(f"config value model.layers: {err}") from None
-        elif config.model.num_layers is not None and config.model.num_layers > num_teacher:
+        if load_tokenizer(config.model.teacher).get_vocab() != load_tokenizer(config.model.student).get_vocab():
             raise ConfigError(
-                f"config value model.num_layers: {config.model.num_layers} is more than the teacher's {num_teacher} layers"
+                f"teacher {config.model.teacher} and student {config.model.student} tokenizers map tokens to different "
+                f"ids: logit distillation needs the same tokenizer. Pick a student trained with the teacher's tokenizer."
             )
+    for role, context in contexts.items():
+        if context is not None and config.data.block_size > context:
+            raise ConfigError(
+                f"config value data.block_size: {config.data.block_size} exceeds the {role}'s context of {context} "
+                f"tokens; set data.block_size={context} or less"
+            )
+    if config.model.student is None:
+        try:
+            resolve_layer_map(config_num_layers(teacher_cfg), config.model.layers, config.model.num_layers, config.model.strategy)
+        except ValueError as err:
+            field = "model.layers" if config.model.layers is not None else "model.num_layers"
+            raise ConfigError(f"config value {field}: {err}") from None
 
 
 def prepared_dir(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Path:
@@ -134,10 +127,7 @@ def prepared_dir(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Path:
 def make_student(config: RunConfig, teacher: PreTrainedModel) -> PreTrainedModel:
     if config.model.student is not None:
         return load_model(config.model.student)
-    num_teacher = len(decoder_layers(teacher))
-    layers = config.model.layers or layer_map(
-        num_teacher, config.model.num_layers or max(1, num_teacher // 2), config.model.strategy
-    )
+    layers = resolve_layer_map(len(decoder_layers(teacher)), config.model.layers, config.model.num_layers, config.model.strategy)
     return build_student(teacher, layers, random_init=config.model.random_init, seed=config.train.seed)
 
 
@@ -162,8 +152,7 @@ def build_setup(config: RunConfig, student_init: Path | None = None) -> Setup:
     else:
         torch.manual_seed(config.train.seed)
         student = make_student(config, teacher)
-    student_tokenizer = load_tokenizer(config.model.student) if config.model.student else None
-    check_shared_vocabulary(teacher, student, tokenizer, student_tokenizer)
+    check_shared_vocabulary(teacher, student)
     if not needs_teacher(weights):
         teacher = None  # causal-LM-only training: free the teacher's memory
     else:
@@ -193,33 +182,6 @@ def make_optimizer(config: RunConfig, student: PreTrainedModel) -> torch.optim.A
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=config.train.lr, betas=tuple(config.train.betas), eps=config.train.adam_eps)
-
-
-def lr_factor(step: int, total_steps: int, warmup: float, schedule: str, min_ratio: float) -> float:
-    """Learning-rate multiplier for optimiser step ``step`` (0-based) of ``total_steps``."""
-    warmup_steps = int(round(warmup * total_steps)) if warmup < 1 else int(warmup)
-    if warmup_steps > 0 and step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    if schedule == "cosine":
-        decay = 0.5 * (1 + math.cos(math.pi * progress))
-    else:
-        decay = 1 - progress
-    return min_ratio + (1 - min_ratio) * decay
-
-
-def total_steps_for(config: RunConfig, tokens_per_step: int) -> int | None:
-    """Steps implied by a step or token budget; None when only a time budget is set."""
-    budgets = []
-    if config.train.max_steps is not None:
-        budgets.append(config.train.max_steps)
-    if config.train.max_tokens is not None:
-        budgets.append(max(1, config.train.max_tokens // tokens_per_step))
-    if not budgets and config.train.estimated_steps is not None:
-        budgets.append(config.train.estimated_steps)
-    return min(budgets) if budgets else None
 
 
 # ---------------------------------------------------------------------------------------
@@ -260,8 +222,8 @@ def train_step(setup: Setup, optimizer: torch.optim.Optimizer, micro_batches: li
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
     if not torch.isfinite(grad_norm):
         raise FloatingPointError(
-            f"non-finite gradient norm ({grad_norm.item()}); lower train.lr or check the data. "
-            "The last checkpoint is intact: fix the config and --resume."
+            f"non-finite gradient norm ({grad_norm.item()}); lower train.lr or check the data. The last "
+            "checkpoint is intact: edit train.lr in RUN_DIR/config.yaml and run lmdistill distill --resume RUN_DIR."
         )
     optimizer.step()
     metrics = {name: total / step_tokens for name, total in sums.items()}
@@ -285,12 +247,15 @@ def validate(setup: Setup, tokens: np.ndarray) -> dict[str, float]:
 # The run
 
 
-def check_run_dir(run: RunDir, config: RunConfig, resume: bool) -> None:
+def check_run_dir(run: RunDir, config: RunConfig | None, resume: bool) -> None:
     """Refuse to mix two runs in one directory (checked before any model loads)."""
+    if run.root.exists() and not run.root.is_dir():
+        raise RunDirError(f"{run.root} is a file, not a run directory; choose another --out")
     if resume:
         if not run.config.is_file():
             raise RunDirError(f"{run.root} holds no run to resume (no config.yaml); start one with --out {run.root}")
         return
+    assert config is not None
     if run.config.is_file():
         same = run.config.read_text() == config.to_yaml()
         what = "this run already" if same else "a different run"
@@ -300,128 +265,146 @@ def check_run_dir(run: RunDir, config: RunConfig, resume: bool) -> None:
         )
     if run.root.exists() and any(run.root.iterdir()):
         raise RunDirError(f"{run.root} exists and is not empty; choose another --out")
+    parent = run.root.parent if not run.root.exists() else run.root
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise RunDirError(f"cannot write under {parent}; choose an --out you can write to")
 
 
-def run_training(config: RunConfig, out_dir: Path, resume: bool = False, stop_at_step: int | None = None,
+@dataclass
+class Progress:
+    """The counters a checkpoint restores."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    elapsed: float = 0.0  # seconds spent in training steps
+
+
+def run_training(config: RunConfig | None, out_dir: Path, resume: bool = False, stop_at_step: int | None = None,
                  progress: bool = True, setup: Setup | None = None) -> dict[str, Any]:
-    """Train (or resume) a run in ``out_dir``; returns a summary.
+    """Train (or, with ``resume``, continue) the run in ``out_dir``; returns a summary.
 
-    ``stop_at_step`` ends the run early after that step, with a checkpoint, as an interrupt
-    would; ``--resume`` then continues exactly where it stopped.
+    ``config`` is None when resuming (the run's own config.yaml is used). ``stop_at_step``
+    ends the run early after that step with a checkpoint, as Ctrl-C would. ``setup`` passes
+    already-loaded models (new runs only).
     """
     run = RunDir(Path(out_dir))
     check_run_dir(run, config, resume)
     if resume:
+        if setup is not None:
+            raise ValueError("a resumed run loads its student from the checkpoint; do not pass setup")
         config = load_config(run.config)
-        finished = run.root / "summary.json"
-        if finished.is_file():
+        if (run.root / "summary.json").is_file():
             print(f"[lmdistill] {run.root} already finished; nothing to resume")
-            return json.loads(finished.read_text())
+            return json.loads((run.root / "summary.json").read_text())
+    assert config is not None
     checkpoint = run.latest_checkpoint() if resume else None
+    if resume and checkpoint is None and (run.checkpoints).is_dir() and any(run.checkpoints.glob("step_*")):
+        raise RunDirError(f"{run.checkpoints} holds no complete checkpoint; start a new run with another --out")
     if setup is None:
         setup = build_setup(config, student_init=checkpoint / "student" if checkpoint else None)
     if not resume:
         # Written only once the set-up succeeded, so a failed start leaves no half-made run.
         run.root.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run.config, config.to_yaml())
+
     optimizer = make_optimizer(config, setup.student)
-    train_tokens = setup.data.tokens("train")
-    val_tokens = setup.data.tokens("validation")
+    train_tokens, val_tokens = setup.data.tokens("train"), setup.data.tokens("validation")
     sampler = BlockSampler(len(train_tokens), config.data.block_size, config.train.batch_size, seed=config.train.seed)
     tokens_per_step = sampler.tokens_per_batch * config.train.grad_accum
+    budget = Budget.from_config(config.train.max_steps, config.train.max_tokens, config.train.max_minutes, tokens_per_step)
+    warmup = budget.warmup_fraction(config.train.warmup)
 
-    step, tokens_seen, elapsed = 0, 0, 0.0
-    total_steps = total_steps_for(config, tokens_per_step)
+    done = Progress()
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
         optimizer.load_state_dict(state["optimizer"])
         sampler.load_state_dict(state["sampler"])
-        step, tokens_seen, elapsed, total_steps = state["step"], state["tokens_seen"], state["elapsed"], state["total_steps"]
+        done = Progress(state["step"], state["tokens_seen"], state["elapsed"])
         set_rng_state(state["rng"])
-        truncate_metrics(run, step)
-        print(f"[lmdistill] resuming {run.root} from step {step} ({tokens_seen:,} tokens)")
-    elif resume:
-        truncate_metrics(run, 0)
-        print(f"[lmdistill] {run.root} has no checkpoint yet; starting it from the beginning")
+        truncate_metrics(run, done.step)
+        print(f"[lmdistill] resuming {run.root} from step {done.step} ({done.tokens_seen:,} tokens)")
     else:
+        if resume:
+            truncate_metrics(run, -1)
+            print(f"[lmdistill] {run.root} has no checkpoint yet; starting it from the beginning")
         torch.manual_seed(config.train.seed)
-
-    def checkpoint_now() -> None:
-        save_checkpoint(run, step, setup.student, setup.tokenizer, {
-            "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(), "step": step,
-            "tokens_seen": tokens_seen, "elapsed": elapsed, "total_steps": total_steps,
-        })
-
-    if step == 0 and checkpoint is None:
         save_model(setup.student, setup.tokenizer, run.student_init)
         row = {"step": 0, "tokens_seen": 0, **validate(setup, val_tokens)}
         append_metrics(run, row)
         print(f"[lmdistill] step 0: validation perplexity {row['val_ppl']:.2f}")
 
-    time_budget = config.train.max_minutes * 60 if config.train.max_minutes else None
-    first_step_seconds = 0.0
-    schedule_from_time = time_budget is not None and total_steps_for(config, tokens_per_step) is None
-    bar = tqdm(total=total_steps, initial=step, disable=not progress, unit="step", dynamic_ncols=True)
-    interrupted = False
+    saved_step = done.step if checkpoint is not None else -1
+
+    def checkpoint_now() -> None:
+        nonlocal saved_step
+        if saved_step == done.step:
+            return
+        save_checkpoint(run, done.step, setup.student, setup.tokenizer, {
+            "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
+            "step": done.step, "tokens_seen": done.tokens_seen, "elapsed": done.elapsed,
+        })
+        saved_step = done.step
+
+    bar = tqdm(total=budget.estimated_total_steps(done.step, done.elapsed), initial=done.step,
+               disable=not progress, unit="step", dynamic_ncols=True)
+    stopped_early = False
     with GracefulStop() as stop_request:
-        while True:
-            if total_steps is not None and step >= total_steps:
-                break
-            if time_budget is not None and elapsed >= time_budget:
-                break
+        while not budget.done(done.step, done.elapsed):
             started = time.perf_counter()
-            batches = [sampler.next_batch(train_tokens) for _ in range(config.train.grad_accum)]
-            schedule_steps = total_steps or _estimate_total_steps(elapsed, step, time_budget)
-            factor = lr_factor(step, schedule_steps, config.train.warmup, config.train.schedule, config.train.min_lr_ratio)
+            lr = config.train.lr * lr_factor(budget.progress_after(done.step, done.elapsed), warmup,
+                                             config.train.schedule, config.train.min_lr_ratio)
             for group in optimizer.param_groups:
-                group["lr"] = config.train.lr * factor
+                group["lr"] = lr
+            batches = [sampler.next_batch(train_tokens) for _ in range(config.train.grad_accum)]
             metrics = train_step(setup, optimizer, batches)
             seconds = time.perf_counter() - started
-            step += 1
-            tokens_seen += int(metrics.pop("tokens"))
-            elapsed += seconds
-            if schedule_from_time and step in TIME_BUDGET_REESTIMATE:
-                # Lay the schedule over the steps the time budget allows at the measured speed;
-                # re-measured a few times because the first steps are slow (allocator warm-up).
-                recent = (elapsed - first_step_seconds) / max(1, step - 1) if step > 1 else elapsed
-                total_steps = max(step + 1, step + int((time_budget - elapsed) / recent))
-                bar.total = total_steps
-            if step == 1:
-                first_step_seconds = seconds
-            row = {"step": step, "tokens_seen": tokens_seen, "lr": config.train.lr * factor,
-                   **{k: round(v, 6) for k, v in metrics.items()},
-                   "tokens_per_s": round(tokens_per_step / seconds, 1), "elapsed_s": round(elapsed, 2)}
-            append_metrics(run, row)
+            done.step += 1
+            done.tokens_seen += int(metrics.pop("tokens"))
+            done.elapsed += seconds
+            append_metrics(run, {
+                "step": done.step, "tokens_seen": done.tokens_seen, "lr": lr,
+                **{k: round(v, 6) for k, v in metrics.items()},
+                "tokens_per_s": round(tokens_per_step / seconds, 1), "elapsed_s": round(done.elapsed, 2),
+            })
+            bar.total = budget.estimated_total_steps(done.step, done.elapsed)
             bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-            last = (total_steps is not None and step >= total_steps) or (time_budget is not None and elapsed >= time_budget)
-            if config.train.eval_every and step % config.train.eval_every == 0 and not last:
-                val = {"step": step, "tokens_seen": tokens_seen, **validate(setup, val_tokens)}
+            bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_step / seconds:.0f}")
+            if budget.done(done.step, done.elapsed):
+                break
+            if config.train.eval_every and done.step % config.train.eval_every == 0:
+                val = {"step": done.step, "tokens_seen": done.tokens_seen, **validate(setup, val_tokens)}
                 append_metrics(run, val)
-                bar.write(f"[lmdistill] step {step}: validation perplexity {val['val_ppl']:.2f}")
-            if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and not last:
+                bar.write(f"[lmdistill] step {done.step}: validation perplexity {val['val_ppl']:.2f}")
+            if config.train.checkpoint_every and done.step % config.train.checkpoint_every == 0:
                 checkpoint_now()
-            if not last and (stop_request.requested or (stop_at_step is not None and step >= stop_at_step)):
+            if stop_request.requested or (stop_at_step is not None and done.step >= stop_at_step):
                 checkpoint_now()
-                interrupted = True
+                stopped_early = True
                 break
     bar.close()
-    if interrupted:
-        print(f"[lmdistill] stopped at step {step}; checkpoint written. Continue with: lmdistill distill --resume {run.root}")
-        return {"run_dir": str(run.root), "step": step, "tokens_seen": tokens_seen, "finished": False}
+    if stopped_early:
+        print(f"[lmdistill] stopped at step {done.step}; checkpoint written. "
+              f"Continue with: lmdistill distill --resume {run.root}")
+        return {"run_dir": str(run.root), "step": done.step, "tokens_seen": done.tokens_seen, "finished": False}
+    return finish_run(run, setup, val_tokens, done, checkpoint_now)
 
-    final_val = {"step": step, "tokens_seen": tokens_seen, **validate(setup, val_tokens)}
+
+def finish_run(run: RunDir, setup: Setup, val_tokens: np.ndarray, done: Progress, checkpoint_now) -> dict[str, Any]:
+    """Final validation, checkpoint, student folder and ``summary.json`` (written last)."""
+    final_val = {"step": done.step, "tokens_seen": done.tokens_seen, **validate(setup, val_tokens)}
     append_metrics(run, final_val)
     checkpoint_now()
     save_model(setup.student, setup.tokenizer, run.student)
     summary = {
-        "run_dir": str(run.root), "step": step, "tokens_seen": tokens_seen, "finished": True,
-        "train_seconds": round(elapsed, 1), "val_ppl": final_val["val_ppl"],
+        "run_dir": str(run.root), "step": done.step, "tokens_seen": done.tokens_seen, "finished": True,
+        "train_seconds": round(done.elapsed, 1), "val_ppl": final_val["val_ppl"],
         "student_parameters": count_parameters(setup.student),
     }
     write_text_atomic(run.root / "summary.json", json.dumps(summary, indent=2) + "\n")
-    print(f"[lmdistill] done: {step} steps, {tokens_seen:,} tokens, validation perplexity {final_val['val_ppl']:.2f}; "
-          f"student saved to {run.student}")
+    print(f"[lmdistill] done: {done.step} steps, {done.tokens_seen:,} tokens, validation perplexity "
+          f"{final_val['val_ppl']:.2f}; student saved to {run.student}")
     return summary
 
 
@@ -451,8 +434,3 @@ class GracefulStop:
     def __exit__(self, *exc: object) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
-
-
-def _estimate_total_steps(elapsed: float, step: int, time_budget: float | None) -> int:
-    # Before the speed is measured (first steps of a time-budget run) warm-up runs on a guess.
-    return 100 if step == 0 or time_budget is None else max(step + 1, int(time_budget / (elapsed / step)))

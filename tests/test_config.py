@@ -40,7 +40,7 @@ def custom_config() -> RunConfig:
         train=TrainConfig(batch_size=3, grad_accum=2, lr=1e-3, adam_eps=1e-8, weight_decay=0.01, betas=[0.8, 0.95],
                           warmup=10.0, schedule="cosine", min_lr_ratio=0.1, max_grad_norm=0.0,
                           freeze_pos_embeddings=False, max_steps=None, max_tokens=12345, max_minutes=2.5,
-                          estimated_steps=40, eval_every=0, eval_tokens=99, checkpoint_every=7, seed=3, device="cpu",
+                          eval_every=0, eval_tokens=99, checkpoint_every=7, seed=3, device="cpu",
                           threads=2),
     )
 
@@ -222,7 +222,6 @@ def test_override_type_errors_name_the_field(override, field):
     ("model.layers=[]", "model.layers"),
     ("model.layers=[-1, 2]", "model.layers"),
     ("train.device=tpu", "train.device"),
-    ("train.estimated_steps=0", "train.estimated_steps"),
     ("train.seed=-1", "train.seed"),
     ("train.warmup=inf", "train.warmup"),
     ("train.max_minutes=inf", "train.max_minutes"),

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 
 from lmdistill.checkpoint import RunDir, read_metrics
 from lmdistill.config import ConfigError, load_config
-from lmdistill.train import RunDirError, lr_factor, run_training
+from lmdistill.train import RunDirError, run_training
 
 from .helpers import save_with_tokenizer, small_text_file, tiny_gpt2
 
@@ -126,16 +126,3 @@ def test_checkpoints_are_complete_and_pruned(workspace, tmp_path):
     assert latest.name == "step_000004"
     assert (latest / "student" / "model.safetensors").is_file() and (latest / "trainer_state.pt").is_file()
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["step"] == 4
-
-
-@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
-def test_lr_schedule_shape(schedule):
-    factors = [lr_factor(s, 100, 0.1, schedule, 0.1) for s in range(100)]
-    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
-    assert all(a <= b for a, b in zip(factors[:10], factors[1:10]))
-    if schedule == "constant":
-        assert factors[-1] == 1.0
-    else:
-        assert all(a >= b for a, b in zip(factors[10:], factors[11:]))
-        assert factors[-1] == pytest.approx(0.1 + 0.9 * (lr_factor(99, 100, 0.1, schedule, 0.0) - 0.0) / 1.0, abs=1e-9)
-        assert factors[-1] < 0.2

@@ -9,8 +9,6 @@ crash in between leaves a folder that is rebuilt, never one that is trusted half
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -21,6 +19,7 @@ import numpy as np
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from lmdistill.atomic import write_text_atomic
 from lmdistill.data.corpora import SPLITS, check_split
 from lmdistill.data.errors import DataError
 from lmdistill.data.shards import SHARD_VERSION, ShardError, ShardWriter, dtype_for_vocab, read_shard, shard_info
@@ -156,14 +155,7 @@ def _mismatch(meta: dict | None, wanted: dict) -> str | None:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 def _tokenize_split(

@@ -12,7 +12,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from ..data.corpora import CORPORA
 from ..data.prepare import tokenize_documents
 from ..data.sources import parse_source
-from ..models import load_model, load_tokenizer, tokenizer_fingerprint
+from ..models import (
+    ModelError,
+    config_context_length,
+    load_model,
+    load_tokenizer,
+    model_config,
+    resolve_device,
+    tokenizer_fingerprint,
+)
 from .perplexity import PerplexityProtocol, perplexity
 
 
@@ -51,17 +59,24 @@ def evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, s
 
 
 def evaluate_models(models: list[str], sources: list[str], split: str = "test", window: int = 512,
-                    stride: int | None = None, max_tokens: int | None = None, batch_size: int = 4) -> dict[str, Any]:
+                    stride: int | None = None, max_tokens: int | None = None, batch_size: int = 4,
+                    device: str = "auto") -> dict[str, Any]:
     """Load each MODEL in turn (one in memory at a time) and score it on every source."""
     sources = expand_sources(sources)
     for source in sources:
         parse_source(source)  # a bad source fails before any model loads
     protocol = PerplexityProtocol(window=window, stride=stride, max_tokens=max_tokens, batch_size=batch_size)
+    for spec in models:
+        context = config_context_length(model_config(spec))
+        if context is not None and window > context:
+            raise ModelError(f"--window {window} exceeds the context of {spec} ({context} tokens); use --window {context} or less")
+    target = resolve_device(device)
     cache = TokenCache(split)
     rows = []
     for spec in models:
         started = time.perf_counter()
-        model, tokenizer = load_model(spec), load_tokenizer(spec)
+        tokenizer = load_tokenizer(spec)
+        model = load_model(spec, device=target)
         row = evaluate_model(model, tokenizer, sources, cache, protocol, name=spec)
         row["seconds"] = round(time.perf_counter() - started, 1)
         rows.append(row)
