@@ -10,7 +10,7 @@ Layout of a run directory::
         latest                 the name of the newest complete checkpoint
       student_init/            the student before training (HF folder), for comparison
       student/                 the final student (HF folder)
-      report.md
+      summary.json             written last, when the run finishes
 
 A checkpoint is built in a hidden temporary folder and renamed into place, and ``latest`` is
 replaced atomically after that, so ``latest`` only ever names a complete checkpoint.

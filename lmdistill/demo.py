@@ -8,6 +8,7 @@ sample continuations → write ``results.json`` and ``report.md`` in the run dir
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from pathlib import Path
@@ -23,7 +24,7 @@ from .data.corpora import CORPORA
 from .evaluate.perplexity import PerplexityProtocol
 from .evaluate.runner import TokenCache, evaluate_model
 from .generate import SamplingConfig, generate
-from .models import load_model, load_tokenizer
+from .models import config_context_length, load_model, load_tokenizer, model_config
 from .train import run_training
 
 RECIPE = "smollm2-demo"
@@ -33,10 +34,16 @@ PROMPTS = [
     "Call me Ishmael. Some years ago,",
 ]
 EVAL_WINDOW = 512
+# Greedy decoding loops on small models; a mild repetition penalty keeps samples readable.
+SAMPLING = SamplingConfig(max_new_tokens=40, repetition_penalty=1.3)
 
 
-def run_demo(out: Path, minutes: float = 10.0, eval_tokens: int = 32768, resume: bool = False) -> dict[str, Any]:
-    """Run the whole demo; returns the results, or {} when training was stopped early."""
+def run_demo(out: Path, minutes: float = 10.0, eval_tokens: int = 32768, resume: bool = False,
+             overrides: list[str] | None = None) -> dict[str, Any]:
+    """Run the whole demo; returns the results, or {} when training was stopped early.
+
+    ``overrides`` (``section.field=value``) change the recipe, e.g. a tiny teacher in tests.
+    """
     run = RunDir(out)
     started = time.perf_counter()
     # Checked before training so a bad value cannot waste the training budget.
@@ -50,7 +57,7 @@ def run_demo(out: Path, minutes: float = 10.0, eval_tokens: int = 32768, resume:
         if run.config.is_file():
             raise ValueError(f"{out} already holds a demo run; continue it with lmdistill demo --resume --out {out} "
                              f"or choose another --out")
-        config = load_config(RECIPE, [f"train.max_minutes={minutes}"])
+        config = load_config(RECIPE, [f"train.max_minutes={minutes}", *(overrides or [])])
         print(f"[demo] teacher {config.model.teacher} -> {config.model.num_layers}-layer student ({config.model.strategy}); "
               f"{minutes:g} minutes of training on {torch.get_num_threads()} threads")
         summary = run_training(config, out)
@@ -62,6 +69,9 @@ def run_demo(out: Path, minutes: float = 10.0, eval_tokens: int = 32768, resume:
     names = {"teacher": config.model.teacher, "student (initialised)": str(run.student_init),
              "student (distilled)": str(run.student)}
     sources = [f"corpus:{name}" for name in CORPORA]
+    context = config_context_length(model_config(config.model.teacher))
+    if context is not None and context < protocol.window:
+        protocol = dataclasses.replace(protocol, window=context)
     cache = TokenCache("test")
     tokenizer = load_tokenizer(config.model.teacher)
     models = {label: load_model(spec) for label, spec in names.items()}
@@ -71,12 +81,13 @@ def run_demo(out: Path, minutes: float = 10.0, eval_tokens: int = 32768, resume:
     speeds = generation_speeds(models, prompt_ids, new_tokens=64, repeats=3)
     params = {label: parameter_counts(model) for label, model in models.items()}
 
-    samples = {label: [generate(models[label], tokenizer, p, SamplingConfig(max_new_tokens=40)) for p in PROMPTS]
+    samples = {label: [generate(models[label], tokenizer, p, SAMPLING) for p in PROMPTS]
                for label in ("teacher", "student (distilled)")}
 
     results = {
         "protocol": protocol.describe() + "; test split of each bundled corpus",
-        "train": summary, "train_minutes_budget": config.train.max_minutes,
+        "teacher": config.model.teacher, "student_layers": config.model.num_layers,
+        "train": summary, "budget": describe_budget(config),
         "models": {label: {"path": names[label], "parameters": params[label],
                            "perplexity": {s: rows[label]["perplexity"][s]["perplexity"] for s in sources},
                            "tokens_scored": {s: rows[label]["perplexity"][s]["tokens_scored"] for s in sources},
@@ -93,14 +104,25 @@ def run_demo(out: Path, minutes: float = 10.0, eval_tokens: int = 32768, resume:
     return results
 
 
+def describe_budget(config) -> str:
+    parts = []
+    if config.train.max_minutes:
+        parts.append(f"{config.train.max_minutes:g} minutes")
+    if config.train.max_steps:
+        parts.append(f"{config.train.max_steps} steps")
+    if config.train.max_tokens:
+        parts.append(f"{config.train.max_tokens:,} tokens")
+    return ", whichever first: ".join(parts) if len(parts) > 1 else parts[0]
+
+
 def format_results(results: dict[str, Any], sources: list[str]) -> str:
     models = results["models"]
     teacher = models["teacher"]
     lines = [
-        "# lmdistill demo: SmolLM2-135M → 15-layer student",
+        f"# lmdistill demo: {results['teacher']} → {results['student_layers']}-layer student",
         "",
         f"Training: {results['train']['step']} steps, {results['train']['tokens_seen']:,} tokens, "
-        f"{results['train'].get('train_seconds', '?')} s (budget {results['train_minutes_budget']:g} min).",
+        f"{results['train'].get('train_seconds', '?')} s of training (budget: {results['budget']}).",
         "",
         f"Perplexity protocol: {results['protocol']}.",
         "Generation: batch 1, greedy, KV cache, 64 new tokens after a short prompt, median of 3 (interleaved).",
@@ -115,7 +137,7 @@ def format_results(results: dict[str, Any], sources: list[str]) -> str:
         lines.append(f"| {label} | {row['parameters']['total'] / 1e6:.1f}M | {ppl} | {speed:.1f} ({ratio:.2f}x) |")
     init, final = models["student (initialised)"], models["student (distilled)"]
     gains = ", ".join(f"{s.split(':')[1]} {init['perplexity'][s] / final['perplexity'][s]:,.0f}x" for s in sources)
-    lines += ["", f"Distillation lowered the student's test perplexity by: {gains}.", "", "## Sample continuations (greedy)", ""]
+    lines += ["", f"Distillation lowered the student's test perplexity by: {gains}.", "", f"## Sample continuations (greedy, repetition penalty {SAMPLING.repetition_penalty})", ""]
     for i, prompt in enumerate(results["samples"]["prompts"]):
         lines.append(f"**Prompt:** {prompt}")
         lines.append("")

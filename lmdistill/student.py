@@ -90,6 +90,9 @@ def build_student(teacher: PreTrainedModel, layers: list[int], random_init: bool
     num_teacher = len(decoder_layers(teacher))
     layers = validate_layer_map(layers, num_teacher)
     config = copy.deepcopy(teacher.config)
+    if hasattr(config, "quantization_config"):
+        # A teacher read from a GGUF file is dequantised in memory; its student is plain weights.
+        delattr(config, "quantization_config")
     setattr(config, arch.num_layers_key, len(layers))
     _cut_per_layer_fields(config, layers)
     config.lmdistill_layer_map = None if random_init else list(layers)
