@@ -84,13 +84,21 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate.runner import evaluate_models, format_table
+    from .evaluate.runner import evaluate_models, format_tables
+    from .evaluate.tasks import parse_tasks
 
+    specs = list(args.task or [])
+    for source in args.data or ([] if specs else ["corpus:all"]):
+        # --data is shorthand for perplexity tasks sharing --split/--window/--stride/--max-tokens.
+        where = f"corpus={source.removeprefix('corpus:')}" if source.startswith("corpus:") else f"source={source}"
+        extra = "".join(f":{k}={v}" for k, v in (("window", args.window), ("stride", args.stride),
+                                                   ("max_tokens", args.max_tokens)) if v is not None)
+        specs.append(f"ppl:{where}:split={args.split}{extra}")
+    tasks = [task for spec in specs for task in parse_tasks(spec)]
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    results = evaluate_models(args.models, args.data, split=args.split, window=args.window, stride=args.stride,
-                              max_tokens=args.max_tokens, batch_size=args.batch_size, device=args.device)
-    print(format_table(results))
+    results = evaluate_models(args.models, tasks, batch_size=args.batch_size, device=args.device)
+    print(format_tables(results))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
@@ -153,15 +161,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.max_steps=200")
     p.set_defaults(func=cmd_distill)
 
-    p = sub.add_parser("eval", help="perplexity of one or more models, side by side")
+    p = sub.add_parser("eval", help="evaluate one or more models side by side on named tasks",
+                       description="Tasks: ppl:corpus=all:split=test, ppl:source=FILE, wikitext:path=DIR, ptb:path=DIR, "
+                                   "enwik8:path=FILE, text8:path=FILE, lambada:path=FILE, hellaswag:path=FILE, lastword. "
+                                   "Options follow the name as :key=value (window, stride, max_tokens, split, max_docs, ...).")
     p.add_argument("models", nargs="+", help="MODELs to evaluate, one table row each")
-    p.add_argument("--data", nargs="+", default=["corpus:all"], help="text sources; corpus:all is evaluated per corpus")
-    p.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    p.add_argument("--window", type=int, default=512, help="tokens per forward pass")
-    p.add_argument("--stride", type=int, default=None, help="new tokens scored per window (default: the window, disjoint)")
-    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens of each source")
+    p.add_argument("--task", action="append", help="TASK[:key=value...] (repeatable); default: ppl:corpus=all:split=test")
+    p.add_argument("--data", nargs="+", help="shorthand: perplexity on these text sources (corpus:all is one task per corpus)")
+    p.add_argument("--split", default="test", choices=["train", "validation", "test"], help="split for --data")
+    p.add_argument("--window", type=int, default=None, help="for --data: tokens per forward pass (default 512)")
+    p.add_argument("--stride", type=int, default=None, help="for --data: new tokens scored per window (default: the window)")
+    p.add_argument("--max-tokens", type=int, default=None, help="for --data: score only the first N tokens of each source")
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--json", help="also write the results as JSON")
+    p.add_argument("--json", help="also write the full results (protocols, counts, metrics, times) as JSON")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.set_defaults(func=cmd_eval)
 

@@ -8,7 +8,6 @@ sample continuations → write ``results.json`` and ``report.md`` in the run dir
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
@@ -22,7 +21,8 @@ from .checkpoint import RunDir
 from .config import load_config
 from .data.corpora import CORPORA
 from .evaluate.perplexity import PerplexityProtocol
-from .evaluate.runner import TokenCache, evaluate_model
+from .evaluate.runner import evaluate_loaded
+from .evaluate.tasks import PerplexityTask
 from .generate import SamplingConfig, generate
 from .models import config_context_length, load_model, load_tokenizer, model_config
 from .train import run_training
@@ -70,12 +70,14 @@ def run_demo(out: Path, minutes: float = 10.0, eval_tokens: int = 32768, resume:
              "student (distilled)": str(run.student)}
     sources = [f"corpus:{name}" for name in CORPORA]
     context = config_context_length(model_config(config.model.teacher))
-    if context is not None and context < protocol.window:
-        protocol = dataclasses.replace(protocol, window=context)
-    cache = TokenCache("test")
+    window = min(protocol.window, context or protocol.window)
+    tasks = [PerplexityTask("ppl", {"corpus": s.split(":")[1], "split": "test", "window": str(window),
+                                    "max_tokens": str(eval_tokens)}) for s in sources]
+    for task in tasks:
+        task.load()
     tokenizer = load_tokenizer(config.model.teacher)
     models = {label: load_model(spec) for label, spec in names.items()}
-    rows = {label: evaluate_model(model, tokenizer, sources, cache, protocol, name=label) for label, model in models.items()}
+    rows = {label: evaluate_loaded(model, tokenizer, tasks, label) for label, model in models.items()}
 
     prompt_ids = tokenizer(PROMPTS[0], return_tensors="pt").input_ids
     speeds = generation_speeds(models, prompt_ids, new_tokens=64, repeats=3)
@@ -85,12 +87,12 @@ def run_demo(out: Path, minutes: float = 10.0, eval_tokens: int = 32768, resume:
                for label in ("teacher", "student (distilled)")}
 
     results = {
-        "protocol": protocol.describe() + "; test split of each bundled corpus",
+        "protocol": tasks[0].protocol_.describe() + "; test split of each bundled corpus",
         "teacher": config.model.teacher, "student_layers": config.model.num_layers,
         "train": summary, "budget": describe_budget(config),
         "models": {label: {"path": names[label], "parameters": params[label],
-                           "perplexity": {s: rows[label]["perplexity"][s]["perplexity"] for s in sources},
-                           "tokens_scored": {s: rows[label]["perplexity"][s]["tokens_scored"] for s in sources},
+                           "perplexity": {s: rows[label]["tasks"][t.label]["perplexity"] for s, t in zip(sources, tasks)},
+                           "tokens_scored": {s: rows[label]["tasks"][t.label]["tokens_scored"] for s, t in zip(sources, tasks)},
                            "generation": speeds[label].to_dict()} for label in names},
         "samples": {"prompts": PROMPTS, **samples},
         "total_seconds": round(time.perf_counter() - started, 1),

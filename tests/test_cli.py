@@ -306,18 +306,19 @@ def test_eval_table_and_json(capsys, ws, tmp_path):
     assert rc == 0, err
     results = json.loads(report.read_text())
     assert [row["model"] for row in results["models"]] == [str(ws["teacher"]), str(ws["student"])]
-    assert results["split"] == "test" and results["sources"] == [str(ws["text"])]
-    assert "32" in results["protocol"]
-    assert results["protocol"] in out and "test split" in out
+    (task,) = results["tasks"]
+    assert task["name"] == "ppl" and task["options"]["source"] == str(ws["text"]) and task["options"]["split"] == "test"
+    assert "windows of 32 tokens" in task["protocol"] and "test split" in task["protocol"]
+    assert task["protocol"] in out
     rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| model")]
     assert len(rows) == 2
     for row_line, row in zip(rows, results["models"]):
-        ppl = row["perplexity"][str(ws["text"])]
+        ppl = row["tasks"][task["label"]]
         assert row_line.startswith(f"| {row['model']} |")
         assert f"{ppl['perplexity']:,.2f}" in row_line
         assert ppl["perplexity"] > 1 and 0 < ppl["tokens_scored"] <= 512
     # Same protocol for both models: the same number of tokens scored.
-    scored = {row["perplexity"][str(ws["text"])]["tokens_scored"] for row in results["models"]}
+    scored = {row["tasks"][task["label"]]["tokens_scored"] for row in results["models"]}
     assert len(scored) == 1
     assert "different tokenizers" not in out
 

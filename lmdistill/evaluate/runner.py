@@ -1,17 +1,13 @@
-"""Evaluate several models on the same text under one stated protocol, side by side."""
+"""Evaluate several models on the same tasks under one stated protocol, side by side."""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..data.corpora import CORPORA
-from ..data.prepare import tokenize_documents
-from ..data.sources import parse_source
 from ..models import (
     ModelError,
     config_context_length,
@@ -21,87 +17,81 @@ from ..models import (
     resolve_device,
     tokenizer_fingerprint,
 )
-from .perplexity import PerplexityProtocol, perplexity
+from .tasks import PerplexityTask, Task
 
 
-def expand_sources(specs: list[str]) -> list[str]:
-    """``corpus:all`` stands for each bundled corpus, reported one by one."""
-    out: list[str] = []
-    for spec in specs:
-        out.extend(f"corpus:{name}" for name in CORPORA) if spec == "corpus:all" else out.append(spec)
-    return out
-
-
-class TokenCache:
-    """Each source tokenised once per distinct tokenizer (students share their teacher's)."""
-
-    def __init__(self, split: str) -> None:
-        self.split = split
-        self._streams: dict[tuple[str, str], np.ndarray] = {}
-
-    def tokens(self, source: str, tokenizer: PreTrainedTokenizerBase) -> np.ndarray:
-        key = (source, tokenizer_fingerprint(tokenizer))
-        if key not in self._streams:
-            texts = list(parse_source(source).documents(self.split))
-            self._streams[key] = tokenize_documents(tokenizer, texts)
-        return self._streams[key]
-
-
-def evaluate_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sources: list[str], cache: TokenCache,
-                   protocol: PerplexityProtocol, name: str = "") -> dict[str, Any]:
-    """Perplexity of one model on each source; a row of the side-by-side table."""
-    row: dict[str, Any] = {"model": name, "tokenizer": tokenizer_fingerprint(tokenizer)[:12], "perplexity": {}}
-    for source in sources:
-        stream = cache.tokens(source, tokenizer)
-        result = perplexity(model, stream, protocol, progress=True, desc=f"{name} {source}")
-        row["perplexity"][source] = result.to_dict()
+def evaluate_loaded(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, tasks: list[Task], name: str,
+                    batch_size: int = 4) -> dict[str, Any]:
+    """One row of the side-by-side tables: every task scored on one loaded model."""
+    row: dict[str, Any] = {"model": name, "tokenizer": tokenizer_fingerprint(tokenizer)[:12], "tasks": {}}
+    for task in tasks:
+        started = time.perf_counter()
+        result = task.score(model, tokenizer, batch_size)
+        result["seconds"] = round(time.perf_counter() - started, 2)
+        row["tasks"][task.label] = result
     return row
 
 
-def evaluate_models(models: list[str], sources: list[str], split: str = "test", window: int = 512,
-                    stride: int | None = None, max_tokens: int | None = None, batch_size: int = 4,
-                    device: str = "auto") -> dict[str, Any]:
-    """Load each MODEL in turn (one in memory at a time) and score it on every source."""
-    sources = expand_sources(sources)
-    for source in sources:
-        parse_source(source)  # a bad source fails before any model loads
-    protocol = PerplexityProtocol(window=window, stride=stride, max_tokens=max_tokens, batch_size=batch_size)
+def check_windows(models: list[str], tasks: list[Task]) -> None:
+    """A perplexity window longer than a model's context fails before anything loads."""
     for spec in models:
         context = config_context_length(model_config(spec))
-        if context is not None and window > context:
-            raise ModelError(f"--window {window} exceeds the context of {spec} ({context} tokens); use --window {context} or less")
+        for task in tasks:
+            if isinstance(task, PerplexityTask) and context is not None and task.protocol_.window > context:
+                raise ModelError(
+                    f"window {task.protocol_.window} of task {task.label} exceeds the context of {spec} "
+                    f"({context} tokens); add :window={context} or less"
+                )
+
+
+def evaluate_models(models: list[str], tasks: list[Task], batch_size: int = 4, device: str = "auto") -> dict[str, Any]:
+    """Load each MODEL in turn (one in memory at a time) and score it on every task."""
+    for task in tasks:
+        task.load()  # bad data fails before any model loads
+    check_windows(models, tasks)
     target = resolve_device(device)
-    cache = TokenCache(split)
     rows = []
     for spec in models:
         started = time.perf_counter()
         tokenizer = load_tokenizer(spec)
         model = load_model(spec, device=target)
-        row = evaluate_model(model, tokenizer, sources, cache, protocol, name=spec)
+        row = evaluate_loaded(model, tokenizer, tasks, spec, batch_size)
         row["seconds"] = round(time.perf_counter() - started, 1)
         rows.append(row)
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return {"split": split, "sources": sources, "protocol": protocol.describe(), "models": rows}
+    return {
+        "tasks": [{"label": t.label, "name": t.name, "options": t.options, "protocol": t.protocol(),
+                   "metrics": list(t.metrics)} for t in tasks],
+        "device": str(target),
+        "models": rows,
+    }
 
 
-def format_table(results: dict[str, Any]) -> str:
-    """A Markdown table: one row per model, one column per source, the protocol above it."""
-    sources = results["sources"]
-    fingerprints = {row["tokenizer"] for row in results["models"]}
-    lines = [
-        f"Perplexity on the {results['split']} split; {results['protocol']}.",
-    ]
-    if len(fingerprints) > 1:
-        lines.append("Warning: these models use different tokenizers, so token-level perplexities are not comparable.")
-    lines.append("")
-    lines.append("| model | " + " | ".join(sources) + " |")
-    lines.append("|---|" + "---:|" * len(sources))
-    for row in results["models"]:
-        cells = [f"{row['perplexity'][s]['perplexity']:,.2f}" for s in sources]
-        lines.append(f"| {row['model']} | " + " | ".join(cells) + " |")
-    scored = ", ".join(f"{s}: {results['models'][0]['perplexity'][s]['tokens_scored']:,}" for s in sources)
-    lines.append("")
-    lines.append(f"Tokens scored per model: {scored}.")
-    return "\n".join(lines)
+def format_tables(results: dict[str, Any]) -> str:
+    """Markdown: one table per task (rows = models, columns = metrics), its protocol above it."""
+    out: list[str] = []
+    if len({row["tokenizer"] for row in results["models"]}) > 1:
+        out += ["Note: these models use different tokenizers, so token-level perplexities are not comparable "
+                "(word- and byte-normalised metrics and accuracies are).", ""]
+    for task in results["tasks"]:
+        metrics = task["metrics"]
+        out.append(f"### {task['label']}")
+        out.append(f"Protocol: {task['protocol']}.")
+        out.append("")
+        out.append("| model | " + " | ".join(metrics) + " |")
+        out.append("|---|" + "---:|" * len(metrics))
+        for row in results["models"]:
+            values = row["tasks"][task["label"]]
+            out.append(f"| {row['model']} | " + " | ".join(_fmt(m, values[m]) for m in metrics) + " |")
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def _fmt(metric: str, value: float) -> str:
+    if metric.startswith("acc") or metric.endswith("_acc"):
+        return f"{value:.4f}"
+    if metric == "bits_per_byte":
+        return f"{value:.4f}"
+    return f"{value:,.2f}"
