@@ -23,6 +23,7 @@ lastword     LAMBADA-style last-word set built from the bundled test split (ship
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -180,15 +181,22 @@ class ByteTask(RollingTask):
     def documents(self):
         from .datasets import byte_corpus
 
-        raw = byte_corpus(self.path(), self.opt("split", "test"), name=self.name)
-        raw = raw[: self.opt("max_bytes", None, int)]
-        # Scored as one document; bytes that are not valid UTF-8 are replaced for tokenising,
-        # while the byte count (the denominator) stays that of the raw file.
+        raw = byte_corpus(self.path(), self.opt("split", "test"), name=self.name)[: self.opt("max_bytes", None, int)]
+        self.raw_bytes = len(raw)
+        # Scored as one document. A split may cut a multi-byte character (or hold invalid
+        # UTF-8): those bytes are replaced for tokenising, and the denominator stays the raw
+        # byte count (see score), not the length of the re-encoded text.
         return [raw.decode("utf-8", errors="replace")]
 
     def protocol(self) -> str:
-        return (f"rolling log-likelihood of the {self.opt('split', 'test')} split "
-                f"({len(self.docs[0].encode('utf-8')):,} bytes) as one document; bits per byte = -LL / bytes / ln 2")
+        return (f"rolling log-likelihood of the {self.opt('split', 'test')} split ({self.raw_bytes:,} bytes) as one "
+                f"document, windows of the model's max length; bits per byte = -LL / raw bytes / ln 2")
+
+    def score(self, model, tokenizer, batch_size):
+        result = super().score(model, tokenizer, batch_size)
+        result["bytes"] = self.raw_bytes
+        result["bits_per_byte"] = -result["loglikelihood"] / self.raw_bytes / math.log(2)
+        return result
 
 
 class LambadaTask(Task):
