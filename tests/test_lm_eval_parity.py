@@ -336,6 +336,7 @@ def test_wikitext_perplexities_match_harness(harness, ours):
     result = score_documents(model, tokenizer, pages, detokenize=wikitext_detokenizer)
     for metric in ("word_perplexity", "byte_perplexity", "bits_per_byte"):
         ours_v, theirs_v = getattr(result, metric), theirs[f"{metric},none"]
+        print(f"parity wikitext {metric}: ours {ours_v!r} harness {theirs_v!r}")  # shown with pytest -s
         assert _close(ours_v, theirs_v), f"{metric}: ours {ours_v!r}, harness {theirs_v!r}"
 
     # Stronger: the same request strings, and the same log-likelihood per document.
@@ -355,6 +356,8 @@ def test_lambada_matches_harness(harness, ours):
     theirs = harness.results[task]
 
     result = score(model, tokenizer, [{"text": row["text"]} for row in _rows("lambada_openai")])
+    print(f"parity lambada acc: ours {result['acc']} harness {theirs['acc,none']}; perplexity: ours "
+          f"{result['perplexity']!r} harness {theirs['perplexity,none']!r}")
     assert result["acc"] == theirs["acc,none"]
     assert _close(result["perplexity"], theirs["perplexity,none"]), (
         f"perplexity: ours {result['perplexity']!r}, harness {theirs['perplexity,none']!r}"
@@ -374,6 +377,8 @@ def test_hellaswag_matches_harness(harness, ours):
     theirs = harness.results[task]
 
     result = score(model, tokenizer, _rows("hellaswag"))
+    print(f"parity hellaswag acc: ours {result['acc']} harness {theirs['acc,none']}; acc_norm: ours "
+          f"{result['acc_norm']} harness {theirs['acc_norm,none']}")
     assert result["acc"] == theirs["acc,none"]
     assert result["acc_norm"] == theirs["acc_norm,none"]
 
