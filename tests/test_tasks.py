@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from lmdistill.data.corpora import corpus_documents
 from lmdistill.evaluate.tasks import PerplexityTask, TaskError, parse_tasks
 
 
@@ -42,3 +43,13 @@ def test_bad_option_value_names_the_option():
     (task,) = parse_tasks("ppl:corpus=austen:window=big")
     with pytest.raises(TaskError, match="window='big'"):
         task.load()
+
+
+def test_rolling_task_on_a_bundled_corpus():
+    tasks = parse_tasks("rolling:corpus=all:split=validation:max_docs=2")
+    assert [t.label for t in tasks] == ["rolling austen", "rolling moby_dick", "rolling sotu"]
+    tasks[1].load()
+    assert tasks[1].docs == [d.text for d in corpus_documents("moby_dick", "validation")[:2]]
+    assert "rolling log-likelihood per document (2 documents" in tasks[1].protocol()
+    with pytest.raises(TaskError, match="exactly one of corpus"):
+        parse_tasks("rolling:split=test")

@@ -9,6 +9,8 @@ task         what it computes
 ppl          token-level perplexity of a text source over windows (transformers' sliding-
              window protocol): ``ppl:corpus=all:split=test``, ``ppl:source=FILE``, options
              ``window``, ``stride``, ``max_tokens``
+rolling      the harness ``wikitext`` protocol on any text source (one document per source
+             document): ``rolling:corpus=all``, ``rolling:source=FILE``
 wikitext     lm-evaluation-harness ``wikitext``: document-level rolling log-likelihood ->
              word_perplexity, byte_perplexity, bits_per_byte; ``path=`` a WikiText raw
              folder or file (wikitext-2-raw, wikitext-103-raw)
@@ -145,6 +147,22 @@ class RollingTask(Task):
         return result.to_dict()
 
 
+class SourceRollingTask(RollingTask):
+    """The harness ``wikitext`` protocol on any text source: ``rolling:corpus=all``, ``rolling:source=FILE``."""
+
+    allowed = ("corpus", "source", "split", "max_docs")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if ("corpus" in self.options) == ("source" in self.options):
+            raise TaskError("task rolling needs exactly one of corpus=NAME (austen, moby_dick, sotu) or source=SRC")
+        self.source = f"corpus:{self.options['corpus']}" if "corpus" in self.options else self.options["source"]
+        self.label = f"rolling {self.source.removeprefix('corpus:')}"
+
+    def documents(self):
+        return list(parse_source(self.source).documents(self.opt("split", "test")))
+
+
 class WikiTextTask(RollingTask):
     def documents(self):
         from .datasets import wikitext_documents
@@ -253,7 +271,7 @@ class HellaSwagTask(Task):
 
 
 TASKS: dict[str, type[Task]] = {
-    "ppl": PerplexityTask, "wikitext": WikiTextTask, "ptb": PTBTask, "enwik8": ByteTask, "text8": ByteTask,
+    "ppl": PerplexityTask, "rolling": SourceRollingTask, "wikitext": WikiTextTask, "ptb": PTBTask, "enwik8": ByteTask, "text8": ByteTask,
     "lambada": LambadaTask, "hellaswag": HellaSwagTask, "lastword": LastWordTask,
 }
 
@@ -273,6 +291,6 @@ def parse_tasks(spec: str) -> list[Task]:
         if not sep or not key:
             raise TaskError(f"task option {part!r} in {spec!r} must look like key=value")
         options[key] = value
-    if name == "ppl" and options.get("corpus") == "all":
+    if name in ("ppl", "rolling") and options.get("corpus") == "all":
         return [TASKS[name](name, {**options, "corpus": corpus}) for corpus in CORPORA]
     return [TASKS[name](name, options)]
