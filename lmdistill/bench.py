@@ -18,8 +18,8 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from lmdistill.generate import check_length, eval_mode, model_device, model_eos_token_id
-from lmdistill.models import count_parameters
+from lmdistill.generate import check_length, model_eos_token_id
+from lmdistill.models import count_parameters, eval_mode, model_device
 
 __all__ = ["GenerationSpeed", "generation_speed", "generation_speeds", "parameter_counts", "size_on_disk"]
 

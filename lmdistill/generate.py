@@ -8,15 +8,16 @@ hub config, for instance, would silently add ``top_k=50``).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
 from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
+
+from .models import eval_mode, model_device
 
 __all__ = ["SamplingConfig", "generate", "generate_ids", "continuation_text"]
 
@@ -84,23 +85,6 @@ def _finite_number(x: object) -> bool:
 
 def _first(ids: int | list[int] | None) -> int | None:
     return ids[0] if isinstance(ids, (list, tuple)) and ids else ids if isinstance(ids, int) else None
-
-
-@contextlib.contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Switch models to eval (no dropout) for the block, then restore each one's mode."""
-    previous = [m.training for m in models]
-    try:
-        for m in models:
-            m.eval()
-        yield
-    finally:
-        for m, was_training in zip(models, previous):
-            m.train(was_training)
-
-
-def model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
 
 
 def model_eos_token_id(model) -> int | list[int] | None:

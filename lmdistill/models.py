@@ -17,12 +17,14 @@ lm_head of a causal LM, so that student construction and losses never hard-code 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
 import os
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -460,3 +462,25 @@ def resolve_device(name: str) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise ModelError("device mps asked for but not available; use cpu or auto")
     return torch.device(name)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where a model's inputs go: its input embeddings' device (with a device_map, they decide)."""
+    get_emb = getattr(model, "get_input_embeddings", None)
+    emb = get_emb() if callable(get_emb) else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return emb.weight.device
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) for the block; afterwards every submodule's own flag comes back."""
+    modes = {m: m.training for model in models for m in model.modules()}
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for module, mode in modes.items():
+            module.training = mode

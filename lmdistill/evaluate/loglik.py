@@ -47,6 +47,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..models import eval_mode, model_device
+
 __all__ = [
     "DEFAULT_MAX_LENGTH",
     "TOKENIZER_INFINITY",
@@ -224,10 +226,8 @@ def score_token_requests(
     order = sorted(range(len(requests)), key=lambda i: (-len(requests[i][0]) - len(requests[i][1]),
                                                         tuple(requests[i][0] + requests[i][1])))
     results: list[tuple[float, bool] | None] = [None] * len(requests)
-    device = _input_device(model)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
+    device = model_device(model)
+    with eval_mode(model):
         with tqdm(total=len(requests), desc=desc, unit="req", disable=not progress) as bar:
             for start in range(0, len(order), batch_size):
                 chunk = order[start : start + batch_size]
@@ -249,9 +249,6 @@ def score_token_requests(
                     results[i] = (float(logp.gather(-1, target[:, None]).sum()), greedy)
                 del logits
                 bar.update(len(chunk))
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
     return results  # type: ignore[return-value]
 
 
@@ -307,10 +304,3 @@ def _resolve_max_length(model, tokenizer, override: int | None) -> int:
     return override
 
 
-def _input_device(model: torch.nn.Module) -> torch.device:
-    # Input embeddings, not the first parameter: with a device_map they decide.
-    get_emb = getattr(model, "get_input_embeddings", None)
-    emb = get_emb() if callable(get_emb) else None
-    if emb is not None and getattr(emb, "weight", None) is not None:
-        return emb.weight.device
-    return next(model.parameters()).device

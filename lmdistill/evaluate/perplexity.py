@@ -42,6 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..models import eval_mode, model_device
+
 __all__ = ["PerplexityProtocol", "PerplexityResult", "perplexity"]
 
 
@@ -160,15 +162,13 @@ def perplexity(
     stream = stream[:n]
     _check_against_model(model, stream, protocol.window)
     if device is None:
-        device = _input_device(model)
+        device = model_device(model)
 
     windows = list(_windows(n, protocol.window, protocol.effective_stride))
     total = sum(end - first for _, end, first in windows)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     start = time.perf_counter()
     nll_sum, scored = 0.0, 0
-    try:
+    with eval_mode(model):
         with tqdm(total=total, desc=desc or None, unit="tok", disable=not progress) as bar:
             for batch in _batches(windows, protocol.batch_size):
                 ids = torch.stack([_ids(stream, b, e) for b, e, _ in batch]).to(device)
@@ -190,9 +190,6 @@ def perplexity(
                 bar.update(batch_tokens)
                 if progress:
                     bar.set_postfix(ppl=f"{math.exp(nll_sum / scored):.3f}")
-    finally:
-        for m, mode in modes.items():
-            m.training = mode
     seconds = time.perf_counter() - start
     assert scored == total, (scored, total)
     return PerplexityResult(
@@ -292,10 +289,3 @@ def _check_against_model(model: torch.nn.Module, stream: np.ndarray | Tensor, wi
         )
 
 
-def _input_device(model: torch.nn.Module) -> torch.device:
-    # Input embeddings, not the first parameter: with a device_map they decide.
-    get_emb = getattr(model, "get_input_embeddings", None)
-    emb = get_emb() if callable(get_emb) else None
-    if emb is not None and getattr(emb, "weight", None) is not None:
-        return emb.weight.device
-    return next(model.parameters()).device
