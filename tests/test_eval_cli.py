@@ -55,6 +55,9 @@ def test_every_task_side_by_side(capsys, data, tmp_path):
     assert rc == 0
     results = json.loads(report.read_text())
     labels = [t["label"] for t in results["tasks"]]
+    summary = out.split("### summary", 1)[1].split("###", 1)[0]
+    assert "wikitext word_perplexity" in summary and "hellaswag acc" in summary and "lastword acc" in summary
+    assert len([line for line in summary.splitlines() if line.startswith("| ") and "model" not in line]) == 2
     assert labels == ["wikitext", "ptb", "text8", "lambada", "hellaswag", "lastword", "ppl moby_dick"]
     for task in results["tasks"]:
         assert f"### {task['label']}" in out and task["protocol"] in out

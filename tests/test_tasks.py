@@ -53,3 +53,10 @@ def test_rolling_task_on_a_bundled_corpus():
     assert "rolling log-likelihood per document (2 documents" in tasks[1].protocol()
     with pytest.raises(TaskError, match="exactly one of corpus"):
         parse_tasks("rolling:split=test")
+
+
+def test_wikitext_without_path_offline_names_the_fix(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (task,) = parse_tasks("wikitext:variant=103")
+    with pytest.raises(TaskError, match="needs path=DIR"):
+        task.load()

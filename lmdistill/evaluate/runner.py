@@ -71,7 +71,7 @@ def evaluate_models(models: list[str], tasks: list[Task], batch_size: int = 4, d
 
 def format_tables(results: dict[str, Any]) -> str:
     """Markdown: one table per task (rows = models, columns = metrics), its protocol above it."""
-    out: list[str] = []
+    out: list[str] = summary_table(results)
     if len({row["tokenizer"] for row in results["models"]}) > 1:
         out += ["Note: these models use different tokenizers, so token-level perplexities are not comparable "
                 "(word- and byte-normalised metrics and accuracies are).", ""]
@@ -87,6 +87,19 @@ def format_tables(results: dict[str, Any]) -> str:
             out.append(f"| {row['model']} | " + " | ".join(_fmt(m, values[m]) for m in metrics) + " |")
         out.append("")
     return "\n".join(out).rstrip()
+
+
+def summary_table(results: dict[str, Any]) -> list[str]:
+    """All tasks side by side, the headline metric of each (protocols in the tables below)."""
+    tasks = results["tasks"]
+    if len(tasks) < 2:
+        return []
+    heads = [(t["label"], t["metrics"][0]) for t in tasks]
+    lines = ["### summary", "", "| model | " + " | ".join(f"{label} {metric}" for label, metric in heads) + " |",
+             "|---|" + "---:|" * len(heads)]
+    for row in results["models"]:
+        lines.append(f"| {row['model']} | " + " | ".join(_fmt(m, row["tasks"][label][m]) for label, m in heads) + " |")
+    return lines + [""]
 
 
 def _fmt(metric: str, value: float) -> str:

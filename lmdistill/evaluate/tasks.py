@@ -13,7 +13,8 @@ rolling      the harness ``wikitext`` protocol on any text source (one document 
              document): ``rolling:corpus=all``, ``rolling:source=FILE``
 wikitext     lm-evaluation-harness ``wikitext``: document-level rolling log-likelihood ->
              word_perplexity, byte_perplexity, bits_per_byte; ``path=`` a WikiText raw
-             folder or file (wikitext-2-raw, wikitext-103-raw)
+             folder or file (wikitext-2-raw, wikitext-103-raw), or, online, no path
+             (``variant=2|103`` from the hub, as the harness reads it)
 ptb          the same rolling protocol on Penn Treebank (``ptb.test.txt``): word perplexity
 enwik8/text8 rolling log-likelihood of the raw bytes: bits per byte (= per character)
 lambada      lm-evaluation-harness ``lambada_openai``: last-word accuracy, target perplexity
@@ -164,10 +165,30 @@ class SourceRollingTask(RollingTask):
 
 
 class WikiTextTask(RollingTask):
+    allowed = ("path", "split", "max_docs", "variant")
+
     def documents(self):
         from .datasets import wikitext_documents
 
-        return wikitext_documents(self.path(), self.opt("split", "test"))
+        if "path" in self.options:
+            return wikitext_documents(self.path(), self.opt("split", "test"))
+        return self._from_hub()
+
+    def _from_hub(self) -> list[str]:
+        # Without a path, the harness's own source: EleutherAI/wikitext_document_level.
+        from ..models import hub_reachable
+
+        variant = self.opt("variant", "2")
+        if variant not in ("2", "103"):
+            raise TaskError(f"task wikitext: variant={variant} must be 2 or 103")
+        if not hub_reachable():
+            raise TaskError("task wikitext needs path=DIR (a wikitext-2-raw or wikitext-103-raw folder) on a machine "
+                            "that cannot reach the Hugging Face hub")
+        import datasets
+
+        split = {"validation": "validation", "valid": "validation"}.get(self.opt("split", "test"), self.opt("split", "test"))
+        rows = datasets.load_dataset("EleutherAI/wikitext_document_level", f"wikitext-{variant}-raw-v1", split=split)
+        return list(rows["page"])
 
     def detokenize(self):
         from .datasets import wikitext_detokenizer
