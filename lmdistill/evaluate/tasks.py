@@ -267,8 +267,10 @@ class LastWordTask(LambadaTask):
         self.docs = load_lastword()[: self.opt("max_docs", None, int)]
 
     def protocol(self) -> str:
-        return ("last-word accuracy on the bundled test split (lmdistill/evaluate/data/README.md), scored as "
-                + LambadaTask.protocol(self).removeprefix("lm-evaluation-harness lambada_openai "))
+        return (f"last-word set built from the bundled test split ({len(self.docs)} passages; construction in "
+                f"lmdistill/evaluate/data/README.md), scored as lm-evaluation-harness lambada_openai: "
+                f"context = text up to the last space, target = ' ' + last word; acc = every target token is the "
+                f"greedy choice; perplexity = exp(-mean target log-likelihood)")
 
 
 class HellaSwagTask(Task):
