@@ -105,20 +105,35 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import SamplingConfig, generate
-    from .models import load_model, load_tokenizer, resolve_device
+    from .generate import SamplingConfig, generate_timed
+    from .models import load_model, load_tokenizer, resolve_device, tokenizer_fingerprint
 
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)
     if not args.prompt and sys.stdin.isatty():
         raise ValueError("give a prompt with --prompt TEXT, or pipe prompts on standard input (one per line)")
-    tokenizer = load_tokenizer(args.model)
-    model = load_model(args.model, device=resolve_device(args.device))
+    device = resolve_device(args.device)
+    specs = [args.model] + ([args.compare] if args.compare else [])
+    tokenizers = [load_tokenizer(spec) for spec in specs]
+    if len({tokenizer_fingerprint(t) for t in tokenizers}) > 1:
+        print("note: the models use different tokenizers; speeds are in each model's own tokens", file=sys.stderr)
+    models = [load_model(spec, device=device) for spec in specs]
     prompts = args.prompt or [line.rstrip("\n") for line in sys.stdin if line.strip()]
     for prompt in prompts:
-        print(prompt, end="", flush=True)
-        generate(model, tokenizer, prompt, sampling, stream=lambda piece: print(piece, end="", flush=True))
-        print()
+        results = []
+        for spec, model, tokenizer in zip(specs, models, tokenizers):
+            if args.compare:
+                print(f"--- {spec}")
+            print(prompt, end="", flush=True)
+            result = generate_timed(model, tokenizer, prompt, sampling, stream=lambda piece: print(piece, end="", flush=True))
+            print()
+            results.append(result)
+        if args.compare:
+            # Same prompt, same decoding settings, one after the other on this device.
+            base = results[0].tokens_per_second
+            speeds = ", ".join(f"{spec}: {r.new_tokens} tokens in {r.seconds:.2f} s = {r.tokens_per_second:.1f} tokens/s "
+                               f"({r.tokens_per_second / base:.2f}x)" for spec, r in zip(specs, results))
+            print(f"--- speed (batch 1, KV cache, prefill included): {speeds}")
     return 0
 
 
@@ -187,6 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repetition-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--compare", metavar="MODEL2", help="also continue each prompt with MODEL2 and compare speeds")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("demo", help="distil the bundled SmolLM2-135M into 15 layers and compare")

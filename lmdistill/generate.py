@@ -9,6 +9,7 @@ hub config, for instance, would silently add ``top_k=50``).
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -212,7 +213,49 @@ def generate_ids(
     return out[0, input_ids.shape[1]:].cpu()
 
 
+@dataclass(frozen=True)
+class Generation:
+    """A continuation with what it cost: new tokens (EOS included if it ended the text) and seconds."""
+
+    text: str
+    new_tokens: int
+    seconds: float
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
+
+
 @torch.no_grad()
+def generate_timed(
+    model,
+    tokenizer,
+    prompt: str,
+    config: SamplingConfig = SamplingConfig(),
+    stream: Callable[[str], None] | None = None,
+) -> Generation:
+    """Like :func:`generate`, also counting new tokens and wall time (prefill included)."""
+    ids = _prompt_ids(tokenizer, prompt)
+    streamer = _CallbackStreamer(tokenizer, ids, stream) if stream is not None else None
+    model_eos = model_eos_token_id(model)
+    device = model_device(model)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    started = time.perf_counter()
+    new_ids = generate_ids(
+        model,
+        torch.tensor([ids], dtype=torch.long),
+        config,
+        streamer=streamer,
+        eos_token_id=model_eos if model_eos is not None else tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - started
+    return Generation(continuation_text(tokenizer, ids, new_ids.tolist()), len(new_ids), seconds)
+
+
 def generate(
     model,
     tokenizer,
@@ -226,15 +269,4 @@ def generate(
     concatenate to the returned string. The model is put in eval mode for the call and
     restored afterwards.
     """
-    ids = _prompt_ids(tokenizer, prompt)
-    streamer = _CallbackStreamer(tokenizer, ids, stream) if stream is not None else None
-    model_eos = model_eos_token_id(model)
-    new_ids = generate_ids(
-        model,
-        torch.tensor([ids], dtype=torch.long),
-        config,
-        streamer=streamer,
-        eos_token_id=model_eos if model_eos is not None else tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return continuation_text(tokenizer, ids, new_ids.tolist())
+    return generate_timed(model, tokenizer, prompt, config, stream).text

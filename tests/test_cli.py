@@ -339,6 +339,21 @@ def test_generate(capsys, ws):
     assert again == out
 
 
+def test_generate_compare(capsys, ws):
+    rc, out, err = run_cli(capsys, "generate", ws["teacher"], "--compare", ws["student"], "--prompt", "Hello",
+                           "--max-new-tokens", "6")
+    assert rc == 0, err
+    lines = out.splitlines()
+    assert lines[0] == f"--- {ws['teacher']}" and lines[2] == f"--- {ws['student']}"
+    assert lines[1].startswith("Hello") and lines[3].startswith("Hello")
+    # Each model's continuation is its own greedy output.
+    for line, model in ((lines[1], ws["teacher"]), (lines[3], ws["student"])):
+        _, alone, _ = run_cli(capsys, "generate", model, "--prompt", "Hello", "--max-new-tokens", "6")
+        assert alone.splitlines() == [line]
+    speed = lines[4]
+    assert speed.startswith("--- speed") and "(1.00x)" in speed and "6 tokens in" in speed
+
+
 def test_generate_missing_model(capsys, tmp_path):
     rc, out, err = run_cli(capsys, "generate", tmp_path / "nope" / "model", "--prompt", "Hi")
     assert_clean_error(rc, err, "generate", "does not exist")
