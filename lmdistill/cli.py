@@ -4,7 +4,9 @@
     lmdistill init-student  cut a student from a teacher
     lmdistill distill       train a student (or --resume a run)
     lmdistill eval          perplexity of several models under one protocol
-    lmdistill generate      continue a prompt
+    lmdistill generate      continue a prompt (--compare MODEL2: side by side)
+    lmdistill bench         size and speed of several models, measured interleaved
+    lmdistill report        report.md with plots for a run directory
     lmdistill demo          the whole pipeline on the bundled teacher and corpora
 """
 
@@ -137,6 +139,34 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .bench import BenchConfig, bench_models, format_bench
+
+    config = BenchConfig(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats,
+                         warmup=args.warmup, batch_size=args.batch_size, seq_len=args.seq_len, device=args.device)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    results = bench_models(args.models, config)
+    print(format_bench(results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .report import write_report
+
+    extra = {}
+    for key, path in (("eval_results", args.eval), ("bench_results", args.bench)):
+        if path:
+            try:
+                extra[key] = json.loads(Path(path).read_text())
+            except (OSError, json.JSONDecodeError) as err:
+                raise ValueError(f"cannot read {path} as JSON ({err}); pass the file written by --json") from None
+    print(f"wrote {write_report(Path(args.run_dir), **extra)}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
@@ -204,6 +234,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.add_argument("--compare", metavar="MODEL2", help="also continue each prompt with MODEL2 and compare speeds")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("bench", help="parameters, size, memory and speed of several models, measured interleaved")
+    p.add_argument("models", nargs="+", help="MODELs sharing one tokenizer; speed-ups are relative to the first")
+    p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length for generation and prefill")
+    p.add_argument("--new-tokens", type=int, default=128, help="tokens generated at batch 1 (greedy, KV cache)")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per measurement (median and spread)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs first")
+    p.add_argument("--batch-size", type=int, default=8, help="batched forward throughput: sequences")
+    p.add_argument("--seq-len", type=int, default=256, help="batched forward throughput: tokens per sequence")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--json", help="also write the full results as JSON")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("report", help="report.md with plots for a run directory (finished, running or interrupted)")
+    p.add_argument("run_dir", help="the run directory (lmdistill distill --out)")
+    p.add_argument("--eval", help="include an `lmdistill eval --json` file (default: RUN_DIR/eval.json if present)")
+    p.add_argument("--bench", help="include an `lmdistill bench --json` file (default: RUN_DIR/bench.json if present)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("demo", help="distil the bundled SmolLM2-135M into 15 layers and compare")
     p.add_argument("--minutes", type=float, default=10.0, help="training time budget")

@@ -17,6 +17,7 @@ import torch
 
 from .bench import generation_speeds, parameter_counts
 from .atomic import write_text_atomic
+from .report import write_report
 from .checkpoint import RunDir
 from .config import load_config
 from .data.corpora import CORPORA
@@ -99,7 +100,8 @@ def run_demo(out: Path, minutes: float = 10.0, eval_tokens: int = 32768, resume:
     }
     write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     text = format_results(results, sources)
-    write_text_atomic(run.report, text)
+    # The report adds the training plots and the config to the table printed below.
+    write_report(out)
     print()
     print(text)
     print(f"[demo] wrote {run.report} and {out / 'results.json'}; total {results['total_seconds']:.0f} s")

@@ -371,3 +371,33 @@ def test_module_help_subprocess():
         assert command in result.stdout
     result = subprocess.run([sys.executable, "-m", "lmdistill"], capture_output=True, text=True, cwd=REPO, timeout=60)
     assert result.returncode == 2 and "usage" in result.stderr.lower()
+
+
+def test_report_command(capsys, finished_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(finished_run["dir"], run_dir)
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"protocol": "test protocol", "models": [
+        {"model": "a", "parameters": {"total": 1000, "non_embedding": 10}, "generation": {"tokens_per_second": 5.0},
+         "speedup": {"generation": 1.0}}]}))
+    rc, out, err = run_cli(capsys, "report", run_dir, "--bench", bench)
+    assert rc == 0, err
+    report = (run_dir / "report.md").read_text()
+    assert out.strip() == f"wrote {run_dir / 'report.md'}"
+    assert "finished" in report and "test protocol" in report and "plots/loss.png" in report
+    assert (run_dir / "plots" / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rc, out, err = run_cli(capsys, "report", run_dir, "--bench", tmp_path / "missing.json")
+    assert_clean_error(rc, err, "report", "missing.json")
+
+
+def test_bench_command(capsys, ws, tmp_path):
+    out_json = tmp_path / "bench.json"
+    rc, out, err = run_cli(capsys, "bench", ws["teacher"], ws["student"], "--prompt-tokens", "8", "--new-tokens", "4",
+                           "--repeats", "1", "--batch-size", "1", "--seq-len", "16", "--json", out_json)
+    assert rc == 0, err
+    results = json.loads(out_json.read_text())
+    assert [m["model"] for m in results["models"]] == [str(ws["teacher"]), str(ws["student"])]
+    assert results["models"][0]["speedup"]["generation"] == 1.0
+    assert results["protocol"] in out
+    rc, out, err = run_cli(capsys, "bench", ws["teacher"], "--repeats", "0")
+    assert_clean_error(rc, err, "bench", "repeats")
