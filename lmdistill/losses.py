@@ -216,19 +216,9 @@ def cosine_loss(
     Returns:
         Scalar tensor, float32 (float64 if either input is float64).
     """
-    _check_same_shape(
-        "student_hidden", student_hidden, "teacher_hidden", teacher_hidden,
-        "hidden-state losses need the same width (keep the teacher's width or add a projection)",
+    return _hidden_state_loss(
+        lambda s, t: 1.0 - F.cosine_similarity(s, t, dim=-1), student_hidden, teacher_hidden, mask, reduction
     )
-    _check_reduction(reduction)
-    valid = _as_mask(mask, student_hidden.shape[:2])
-    dtype = _compute_dtype(student_hidden, teacher_hidden)
-
-    def chunk(s: Tensor, t: Tensor) -> Tensor:
-        return 1.0 - F.cosine_similarity(s.to(dtype), t.to(dtype), dim=-1)
-
-    per_pos = _per_position(chunk, student_hidden, teacher_hidden.detach())
-    return _reduce(per_pos, valid, reduction)
 
 
 def mse_loss(
@@ -248,6 +238,15 @@ def mse_loss(
     Returns:
         Scalar tensor, float32 (float64 if either input is float64).
     """
+    return _hidden_state_loss(
+        lambda s, t: (s - t).square().mean(dim=-1), student_hidden, teacher_hidden, mask, reduction
+    )
+
+
+def _hidden_state_loss(per_position, student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | None,
+                       reduction: str) -> Tensor:
+    """Shared checks and reduction of the hidden-state losses; ``per_position(s, t)`` gets
+    chunks upcast to the compute dtype, teacher detached, and returns ``(batch, chunk)``."""
     _check_same_shape(
         "student_hidden", student_hidden, "teacher_hidden", teacher_hidden,
         "hidden-state losses need the same width (keep the teacher's width or add a projection)",
@@ -257,10 +256,9 @@ def mse_loss(
     dtype = _compute_dtype(student_hidden, teacher_hidden)
 
     def chunk(s: Tensor, t: Tensor) -> Tensor:
-        return (s.to(dtype) - t.to(dtype)).square().mean(dim=-1)
+        return per_position(s.to(dtype), t.to(dtype))
 
-    per_pos = _per_position(chunk, student_hidden, teacher_hidden.detach())
-    return _reduce(per_pos, valid, reduction)
+    return _reduce(_per_position(chunk, student_hidden, teacher_hidden.detach()), valid, reduction)
 
 
 # --------------------------------------------------------------------------- weighted sum
