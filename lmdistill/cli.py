@@ -56,9 +56,13 @@ def cmd_init_student(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists; choose another --out or delete it first")
-    layers = resolve_layer_map(config_num_layers(model_config(args.teacher)), args.layers, args.num_layers, args.strategy)
+    num_teacher = config_num_layers(model_config(args.teacher))
+    check = "first" if args.strategy == "importance" else args.strategy  # range checks before loading
+    layers = resolve_layer_map(num_teacher, args.layers, args.num_layers, check)
     tokenizer = load_tokenizer(args.teacher)
     teacher = load_model(args.teacher)
+    if args.strategy == "importance" and args.layers is None:
+        layers = _importance_layers(teacher, tokenizer, args)
     student = build_student(teacher, layers, random_init=args.random_init, seed=args.seed)
     save_model(student, tokenizer, out)
     t_params, s_params = count_parameters(teacher), count_parameters(student)
@@ -67,6 +71,26 @@ def cmd_init_student(args: argparse.Namespace) -> int:
     print(f"student: {len(layers)} layers, {s_params / 1e6:.1f}M parameters ({s_params / t_params:.0%}), {init}")
     print(f"wrote {out}")
     return 0
+
+
+def _importance_layers(teacher, tokenizer, args: argparse.Namespace) -> list[int]:
+    from .data.prepare import tokenize_documents
+    from .data.sources import parse_source
+    from .importance import block_influence
+    from .student import resolve_layer_map
+
+    texts, chars = [], 0
+    for text in parse_source(args.calibration).documents("train"):
+        texts.append(text)
+        chars += len(text)
+        if chars > 8 * args.calibration_tokens:  # plenty: English BPE is about 4 characters a token
+            break
+    tokens = tokenize_documents(tokenizer, texts)
+    scores = block_influence(teacher, tokens, block_size=min(256, args.calibration_tokens), max_tokens=args.calibration_tokens)
+    print("block influence per teacher layer (1 - cos(input, output)) on "
+          f"{min(len(tokens), args.calibration_tokens):,} tokens of {args.calibration}:")
+    print("  " + ", ".join(f"{i}: {x:.3f}" for i, x in enumerate(scores)))
+    return resolve_layer_map(len(scores), None, args.num_layers, "importance", scores)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -193,7 +217,10 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--layers", type=_parse_layers, help="teacher layers to keep, e.g. 0,2,4,7,9,11")
     group.add_argument("--num-layers", type=int, help="student depth (default: half the teacher's)")
-    p.add_argument("--strategy", default="every-other", choices=["every-other", "uniform", "first"], help="layer map for --num-layers")
+    p.add_argument("--strategy", default="every-other", choices=["every-other", "uniform", "first", "importance"],
+                   help="layer map for --num-layers; importance keeps the layers of largest block influence")
+    p.add_argument("--calibration", default="corpus:all", help="for --strategy importance: text source (train split)")
+    p.add_argument("--calibration-tokens", type=int, default=4096, help="for --strategy importance: tokens scored")
     p.add_argument("--random-init", action="store_true", help="random weights with the cut architecture")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output HF folder")

@@ -37,12 +37,13 @@ class ModelConfig:
     num_layers: int | None = None
     """Student depth when layers is None (default: half the teacher's)."""
     strategy: str = "every-other"
-    """Layer map when layers is None: every-other, uniform or first."""
+    """Layer map when layers is None: every-other, uniform, first, or importance (largest block influence on training tokens)."""
     random_init: bool = False
     """Random student weights with the cut architecture, instead of copied teacher weights."""
 
     def __post_init__(self) -> None:
-        _check(self.strategy in ("every-other", "uniform", "first"), "model.strategy", f"{self.strategy!r} is not one of every-other, uniform, first")
+        _check(self.strategy in ("every-other", "uniform", "first", "importance"), "model.strategy",
+               f"{self.strategy!r} is not one of every-other, uniform, first, importance")
         if self.layers is not None:
             _check(len(self.layers) > 0, "model.layers", "must list at least one teacher layer")
             _check(all(isinstance(i, int) and i >= 0 for i in self.layers), "model.layers", "must be non-negative integers")

@@ -16,9 +16,12 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .atomic import build_dir_atomic
+from .importance import most_influential
 from .models import ModelError, architecture_of, decoder_layers
 
 STRATEGIES = ("every-other", "uniform", "first")
+# Strategies that need the teacher and calibration data, not just layer counts.
+DATA_STRATEGIES = ("importance",)
 
 # DistilGPT2 kept these layers of GPT-2's 12 (HF transformers-research-projects/distillation).
 DISTILGPT2_MAP = [0, 2, 4, 7, 9, 11]
@@ -55,11 +58,21 @@ def layer_map(num_teacher_layers: int, num_student_layers: int, strategy: str = 
 
 
 def resolve_layer_map(num_teacher_layers: int, layers: list[int] | None = None, num_layers: int | None = None,
-                      strategy: str = "every-other") -> list[int]:
-    """The student's layer map from an explicit list, or a depth (default half) and a strategy."""
+                      strategy: str = "every-other", influence: list[float] | None = None) -> list[int]:
+    """The student's layer map from an explicit list, or a depth (default half) and a strategy.
+
+    ``importance`` keeps the layers with the largest block influence and needs the teacher's
+    scores (:func:`lmdistill.importance.block_influence`) as ``influence``.
+    """
     if layers is not None:
         return validate_layer_map(layers, num_teacher_layers)
     depth = num_layers if num_layers is not None else max(1, num_teacher_layers // 2)
+    if strategy == "importance":
+        if influence is None or len(influence) != num_teacher_layers:
+            raise ValueError("the importance strategy needs the block influence of every teacher layer "
+                             "(lmdistill.importance.block_influence on calibration tokens)")
+        layer_map(num_teacher_layers, depth, "first")  # the same range check as the other strategies
+        return most_influential(influence, depth)
     return layer_map(num_teacher_layers, depth, strategy)
 
 

@@ -37,6 +37,7 @@ from .config import ConfigError, RunConfig, load_config
 from .data.prepare import PreparedData, prepare
 from .data.sampler import BlockSampler
 from .evaluate.perplexity import PerplexityProtocol, perplexity
+from .importance import block_influence
 from .losses import LossWeights, distillation_loss
 from .schedule import Budget, lr_factor
 from .models import (
@@ -111,7 +112,9 @@ def check_config_against_models(config: RunConfig) -> None:
             )
     if config.model.student is None:
         try:
-            resolve_layer_map(config_num_layers(teacher_cfg), config.model.layers, config.model.num_layers, config.model.strategy)
+            # Range checks only: the importance scores need the teacher's weights.
+            strategy = "first" if config.model.strategy == "importance" else config.model.strategy
+            resolve_layer_map(config_num_layers(teacher_cfg), config.model.layers, config.model.num_layers, strategy)
         except ValueError as err:
             field = "model.layers" if config.model.layers is not None else "model.num_layers"
             raise ConfigError(f"config value {field}: {err}") from None
@@ -124,10 +127,16 @@ def prepared_dir(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Path:
     return cache_dir() / "data" / key
 
 
-def make_student(config: RunConfig, teacher: PreTrainedModel) -> PreTrainedModel:
+def make_student(config: RunConfig, teacher: PreTrainedModel, train_tokens: np.ndarray) -> PreTrainedModel:
     if config.model.student is not None:
         return load_model(config.model.student)
-    layers = resolve_layer_map(len(decoder_layers(teacher)), config.model.layers, config.model.num_layers, config.model.strategy)
+    influence = None
+    if config.model.strategy == "importance" and config.model.layers is None:
+        influence = block_influence(teacher, train_tokens, block_size=min(config.data.block_size, 256))
+        print("[lmdistill] block influence per teacher layer: " + ", ".join(f"{x:.3f}" for x in influence))
+    layers = resolve_layer_map(len(decoder_layers(teacher)), config.model.layers, config.model.num_layers,
+                               config.model.strategy, influence)
+    print(f"[lmdistill] student keeps teacher layers {layers}")
     return build_student(teacher, layers, random_init=config.model.random_init, seed=config.train.seed)
 
 
@@ -151,7 +160,7 @@ def build_setup(config: RunConfig, student_init: Path | None = None) -> Setup:
         student = load_model(student_init)
     else:
         torch.manual_seed(config.train.seed)
-        student = make_student(config, teacher)
+        student = make_student(config, teacher, data.tokens("train"))
     check_shared_vocabulary(teacher, student)
     if not needs_teacher(weights):
         teacher = None  # causal-LM-only training: free the teacher's memory

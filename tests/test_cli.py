@@ -401,3 +401,20 @@ def test_bench_command(capsys, ws, tmp_path):
     assert results["protocol"] in out
     rc, out, err = run_cli(capsys, "bench", ws["teacher"], "--repeats", "0")
     assert_clean_error(rc, err, "bench", "repeats")
+
+
+def test_init_student_importance_strategy(capsys, ws, tmp_path):
+    from lmdistill.data.prepare import tokenize_documents
+    from lmdistill.data.sources import parse_source
+    from lmdistill.importance import block_influence, most_influential
+    from lmdistill.models import load_model, load_tokenizer
+
+    out = tmp_path / "student"
+    rc, stdout, err = run_cli(capsys, "init-student", "--teacher", ws["teacher"], "--num-layers", "2", "--strategy",
+                              "importance", "--calibration", ws["text"], "--calibration-tokens", "256", "--out", out)
+    assert rc == 0, err
+    assert "block influence per teacher layer" in stdout
+    teacher, tokenizer = load_model(ws["teacher"]), load_tokenizer(ws["teacher"])
+    tokens = tokenize_documents(tokenizer, list(parse_source(str(ws["text"])).documents("train")))
+    expected = most_influential(block_influence(teacher, tokens, block_size=256, max_tokens=256), 2)
+    assert AutoModelForCausalLM.from_pretrained(out).config.lmdistill_layer_map == expected

@@ -126,3 +126,17 @@ def test_checkpoints_are_complete_and_pruned(workspace, tmp_path):
     assert latest.name == "step_000004"
     assert (latest / "student" / "model.safetensors").is_file() and (latest / "trainer_state.pt").is_file()
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["step"] == 4
+
+
+def test_importance_strategy_keeps_the_most_influential_layers(workspace, tmp_path):
+    from lmdistill.data.prepare import load_prepared
+    from lmdistill.importance import block_influence, most_influential
+    from lmdistill.models import load_model
+
+    config = make_config(workspace, max_steps=1)
+    config.model.strategy = "importance"
+    run_training(config, tmp_path / "run", progress=False)
+    train_tokens = load_prepared(workspace["data"]).tokens("train")
+    scores = block_influence(load_model(workspace["teacher"]), train_tokens, block_size=32)
+    chosen = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student_init").config.lmdistill_layer_map
+    assert chosen == most_influential(scores, 2)

@@ -1,0 +1,69 @@
+"""Which teacher layers matter: block influence measured on calibration tokens.
+
+Block influence (ShortGPT, Men et al. 2024) of decoder layer ``i`` is
+``1 - mean_t cos(x_t, y_t)`` where ``x_t`` is the hidden state entering the layer at token
+``t`` and ``y_t`` the one leaving it: a layer that barely turns its input scores near 0 and
+is the cheapest to drop. The states are caught with forward hooks on the decoder layers
+themselves, so the last layer is measured before the final norm.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel
+
+from .models import config_context_length, decoder_layers, eval_mode, model_device
+
+
+@torch.no_grad()
+def block_influence(model: PreTrainedModel, tokens: np.ndarray, block_size: int = 256, max_tokens: int = 4096,
+                    batch_size: int = 4) -> list[float]:
+    """Block influence of every decoder layer, averaged over the first ``max_tokens`` tokens.
+
+    ``tokens`` is a 1-D token stream cut into disjoint blocks of ``block_size`` tokens (at
+    most the model's context).
+    """
+    context = config_context_length(model.config)
+    block_size = min(block_size, context) if context else block_size
+    n_blocks = min(len(tokens), max_tokens) // block_size
+    if n_blocks < 1:
+        raise ValueError(f"block influence needs at least {block_size} calibration tokens, got {len(tokens)}; "
+                         "give more calibration text or a smaller block size")
+    blocks = torch.as_tensor(np.asarray(tokens[: n_blocks * block_size], dtype=np.int64)).view(n_blocks, block_size)
+    layers = decoder_layers(model)
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    count = 0
+    current: dict[int, torch.Tensor] = {}
+
+    def hook(index: int):
+        def capture(module, args, kwargs, output):
+            x = args[0] if args else kwargs["hidden_states"]
+            y = output[0] if isinstance(output, tuple) else output
+            cos = torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1)
+            current[index] = (1.0 - cos).sum().cpu()
+        return capture
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        with eval_mode(model):
+            for start in range(0, n_blocks, batch_size):
+                batch = blocks[start : start + batch_size].to(model_device(model))
+                current.clear()
+                model(input_ids=batch)
+                for i in range(len(layers)):
+                    sums[i] += current[i]
+                count += batch.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return (sums / count).tolist()
+
+
+def most_influential(scores: list[float], keep: int) -> list[int]:
+    """The ``keep`` layers with the largest block influence, in their original order."""
+    if not 1 <= keep <= len(scores):
+        raise ValueError(f"cannot keep {keep} of {len(scores)} layers; choose between 1 and {len(scores)}")
+    # Stable: ties keep the lower layer.
+    ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+    return sorted(ranked[:keep])

@@ -1,0 +1,69 @@
+"""Block influence against a plain float64 reference from the model's own hidden states."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lmdistill.importance import block_influence, most_influential
+
+from .helpers import tiny_gpt2, tiny_llama
+
+
+def reference_influence(model, blocks: torch.Tensor, final_norm_path: str) -> list[float]:
+    """1 - mean cos(layer input, layer output) from output_hidden_states, in float64.
+
+    HF's last hidden state is after the final norm; with that norm replaced by the identity
+    it is the last layer's raw output.
+    """
+    parent_path, name = final_norm_path.rsplit(".", 1)
+    parent = model.get_submodule(parent_path)
+    norm = getattr(parent, name)
+    setattr(parent, name, torch.nn.Identity())
+    try:
+        with torch.no_grad():
+            states = model(input_ids=blocks, output_hidden_states=True).hidden_states
+    finally:
+        setattr(parent, name, norm)
+    scores = []
+    for x, y in zip(states[:-1], states[1:]):
+        x64, y64 = x.double().reshape(-1, x.shape[-1]).numpy(), y.double().reshape(-1, y.shape[-1]).numpy()
+        cos = (x64 * y64).sum(1) / (np.linalg.norm(x64, axis=1) * np.linalg.norm(y64, axis=1))
+        scores.append(float(np.mean(1 - cos)))
+    return scores
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_block_influence_matches_reference(family):
+    model = tiny_llama(num_layers=4) if family == "llama" else tiny_gpt2(n_layer=4, vocab_size=300)
+    vocab = model.config.vocab_size
+    tokens = np.random.default_rng(0).integers(0, vocab, size=200)
+    scores = block_influence(model, tokens, block_size=32, max_tokens=200, batch_size=2)
+    blocks = torch.as_tensor(tokens[: 6 * 32]).view(6, 32)
+    norm = "model.norm" if family == "llama" else "transformer.ln_f"
+    expected = reference_influence(model, blocks, norm)
+    assert len(scores) == 4
+    assert np.allclose(scores, expected, rtol=1e-5, atol=1e-7), (scores, expected)
+    assert all(0 <= s <= 2 for s in scores)
+    assert not model.training
+
+
+def test_identity_layer_has_zero_influence():
+    model = tiny_llama(num_layers=3)
+    layer = model.model.layers[1]
+    for param in layer.parameters():  # zeroed projections: the residual block returns its input
+        torch.nn.init.zeros_(param)
+    tokens = np.arange(64) % 97
+    scores = block_influence(model, tokens, block_size=32)
+    assert scores[1] == pytest.approx(0.0, abs=1e-9)
+    assert most_influential(scores, 2) == [0, 2]
+
+
+def test_most_influential_keeps_order_and_checks_range():
+    assert most_influential([0.1, 0.5, 0.05, 0.4, 0.3], 3) == [1, 3, 4]
+    assert most_influential([0.2, 0.2, 0.1], 1) == [0]
+    with pytest.raises(ValueError, match="between 1 and 3"):
+        most_influential([0.1, 0.2, 0.3], 4)
+    with pytest.raises(ValueError, match="calibration tokens"):
+        block_influence(tiny_llama(num_layers=2), np.arange(10), block_size=32)
