@@ -11,3 +11,14 @@ def gpt2_tokenizer():
     from lmdistill.models import load_tokenizer
 
     return load_tokenizer("gpt2")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a test module, restored afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
