@@ -51,46 +51,48 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_init_student(args: argparse.Namespace) -> int:
     from .models import config_num_layers, count_parameters, decoder_layers, load_model, load_tokenizer, model_config
-    from .student import build_student, resolve_layer_map, save_model
+    from .student import (DATA_STRATEGIES, build_student, check_layer_request, resolve_layer_map, resolve_strategy,
+                          save_model)
 
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"{out} already exists; choose another --out or delete it first")
-    num_teacher = config_num_layers(model_config(args.teacher))
-    check = "first" if args.strategy == "importance" else args.strategy  # range checks before loading
-    layers = resolve_layer_map(num_teacher, args.layers, args.num_layers, check)
+    teacher_config = model_config(args.teacher)
+    num_teacher = config_num_layers(teacher_config)
+    args.strategy = resolve_strategy(args.strategy, teacher_config)
+    check_layer_request(num_teacher, args.layers, args.num_layers, args.strategy)  # before loading weights
     tokenizer = load_tokenizer(args.teacher)
     teacher = load_model(args.teacher)
-    if args.strategy == "importance" and args.layers is None:
-        layers = _importance_layers(teacher, tokenizer, args)
+    choice = None
+    if args.strategy in DATA_STRATEGIES and args.layers is None:
+        choice = _choose_layers(teacher, tokenizer, args)
+        layers = choice.layers
+    else:
+        layers = resolve_layer_map(num_teacher, args.layers, args.num_layers, args.strategy)
     student = build_student(teacher, layers, random_init=args.random_init, seed=args.seed)
+    if choice is not None:
+        student.config.lmdistill_layer_choice = choice.to_dict()  # kept in the student's config.json
     save_model(student, tokenizer, out)
     t_params, s_params = count_parameters(teacher), count_parameters(student)
     init = "random weights" if args.random_init else f"teacher layers {layers}"
     print(f"teacher: {len(decoder_layers(teacher))} layers, {t_params / 1e6:.1f}M parameters")
     print(f"student: {len(layers)} layers, {s_params / 1e6:.1f}M parameters ({s_params / t_params:.0%}), {init}")
+    if choice is not None:
+        print(f"how the layers were chosen (every step and score): lmdistill_layer_choice in {out / 'config.json'}")
     print(f"wrote {out}")
     return 0
 
 
-def _importance_layers(teacher, tokenizer, args: argparse.Namespace) -> list[int]:
-    from .data.prepare import tokenize_documents
-    from .data.sources import parse_source
-    from .importance import block_influence
-    from .student import resolve_layer_map
+def _choose_layers(teacher, tokenizer, args: argparse.Namespace):
+    from .data.prepare import calibration_tokens
+    from .layer_search import choose_layers
+    from .models import decoder_layers
+    from .student import student_depth
 
-    texts, chars = [], 0
-    for text in parse_source(args.calibration).documents("train"):
-        texts.append(text)
-        chars += len(text)
-        if chars > 8 * args.calibration_tokens:  # plenty: English BPE is about 4 characters a token
-            break
-    tokens = tokenize_documents(tokenizer, texts)
-    scores = block_influence(teacher, tokens, block_size=min(256, args.calibration_tokens), max_tokens=args.calibration_tokens)
-    print("block influence per teacher layer (1 - cos(input, output)) on "
-          f"{min(len(tokens), args.calibration_tokens):,} tokens of {args.calibration}:")
-    print("  " + ", ".join(f"{i}: {x:.3f}" for i, x in enumerate(scores)))
-    return resolve_layer_map(len(scores), None, args.num_layers, "importance", scores)
+    tokens = calibration_tokens(tokenizer, args.calibration, args.calibration_tokens)
+    print(f"calibration: {min(len(tokens), args.calibration_tokens):,} tokens of {args.calibration} (train split)")
+    depth = student_depth(len(decoder_layers(teacher)), args.num_layers)
+    return choose_layers(teacher, tokens, depth, args.strategy, args.calibration_tokens, args.search_objective)
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
@@ -217,10 +219,15 @@ def build_parser() -> argparse.ArgumentParser:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--layers", type=_parse_layers, help="teacher layers to keep, e.g. 0,2,4,7,9,11")
     group.add_argument("--num-layers", type=int, help="student depth (default: half the teacher's)")
-    p.add_argument("--strategy", default="every-other", choices=["every-other", "uniform", "first", "importance"],
-                   help="layer map for --num-layers; importance keeps the layers of largest block influence")
-    p.add_argument("--calibration", default="corpus:all", help="for --strategy importance: text source (train split)")
-    p.add_argument("--calibration-tokens", type=int, default=4096, help="for --strategy importance: tokens scored")
+    p.add_argument("--strategy", default=None, choices=["every-other", "uniform", "first", "importance", "search"],
+                   help="layer map for --num-layers: importance keeps the layers of largest block influence, search "
+                        "removes one at a time the layer that costs least (default: importance for Llama-family "
+                        "teachers, every-other otherwise)")
+    p.add_argument("--calibration", default="corpus:all", help="for importance and search: text source (train split)")
+    p.add_argument("--calibration-tokens", type=int, default=2048,
+                   help="for importance and search: tokens measured (search costs about n^2/2 forward passes over them)")
+    p.add_argument("--search-objective", default="kl", choices=["kl", "ce"],
+                   help="for search: keep KL to the teacher (kl) or calibration cross-entropy (ce) lowest")
     p.add_argument("--random-init", action="store_true", help="random weights with the cut architecture")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output HF folder")

@@ -36,14 +36,21 @@ class ModelConfig:
     """Teacher layers the student keeps, in order (e.g. [0, 2, 4, 7, 9, 11]); None means use num_layers and strategy."""
     num_layers: int | None = None
     """Student depth when layers is None (default: half the teacher's)."""
-    strategy: str = "every-other"
-    """Layer map when layers is None: every-other, uniform, first, or importance (largest block influence on training tokens)."""
+    strategy: str = "auto"
+    """Layer map when layers is None: auto (importance for Llama-family teachers, every-other otherwise), every-other, uniform, first, importance (largest block influence on training tokens) or search (greedy removal of the layer that costs least)."""
+    calibration_tokens: int = 2048
+    """Training tokens on which importance and search measure the teacher's layers."""
+    search_objective: str = "kl"
+    """What the search keeps low when it removes a layer: kl (to the teacher) or ce (on the calibration tokens)."""
     random_init: bool = False
     """Random student weights with the cut architecture, instead of copied teacher weights."""
 
     def __post_init__(self) -> None:
-        _check(self.strategy in ("every-other", "uniform", "first", "importance"), "model.strategy",
-               f"{self.strategy!r} is not one of every-other, uniform, first, importance")
+        strategies = ("auto", "every-other", "uniform", "first", "importance", "search")
+        _check(self.strategy in strategies, "model.strategy", f"{self.strategy!r} is not one of {', '.join(strategies)}")
+        _check(self.calibration_tokens >= 8, "model.calibration_tokens", f"{self.calibration_tokens} must be at least 8")
+        _check(self.search_objective in ("kl", "ce"), "model.search_objective",
+               f"{self.search_objective!r} is not one of kl, ce")
         if self.layers is not None:
             _check(len(self.layers) > 0, "model.layers", "must list at least one teacher layer")
             _check(all(isinstance(i, int) and i >= 0 for i in self.layers), "model.layers", "must be non-negative integers")

@@ -17,11 +17,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .atomic import build_dir_atomic
 from .importance import most_influential
-from .models import ModelError, architecture_of, decoder_layers
+from .models import ARCHITECTURES, ModelError, architecture_of, decoder_layers
 
 STRATEGIES = ("every-other", "uniform", "first")
-# Strategies that need the teacher and calibration data, not just layer counts.
-DATA_STRATEGIES = ("importance",)
+# Strategies that need the teacher and calibration data, not just layer counts
+# (lmdistill.layer_search.choose_layers runs them).
+DATA_STRATEGIES = ("importance", "search")
+ALL_STRATEGIES = STRATEGIES + DATA_STRATEGIES
 
 # DistilGPT2 kept these layers of GPT-2's 12 (HF transformers-research-projects/distillation).
 DISTILGPT2_MAP = [0, 2, 4, 7, 9, 11]
@@ -66,7 +68,7 @@ def resolve_layer_map(num_teacher_layers: int, layers: list[int] | None = None, 
     """
     if layers is not None:
         return validate_layer_map(layers, num_teacher_layers)
-    depth = num_layers if num_layers is not None else max(1, num_teacher_layers // 2)
+    depth = student_depth(num_teacher_layers, num_layers)
     if strategy == "importance":
         if influence is None or len(influence) != num_teacher_layers:
             raise ValueError("the importance strategy needs the block influence of every teacher layer "
@@ -74,6 +76,34 @@ def resolve_layer_map(num_teacher_layers: int, layers: list[int] | None = None, 
         layer_map(num_teacher_layers, depth, "first")  # the same range check as the other strategies
         return most_influential(influence, depth)
     return layer_map(num_teacher_layers, depth, strategy)
+
+
+def resolve_strategy(strategy: str | None, teacher_config) -> str:
+    """``auto`` (or None): the best measured strategy for the teacher's family.
+
+    Llama-family teachers (SmolLM2, Llama, Mistral, Qwen...): ``importance``. On SmolLM2-135M
+    it starts a 15-layer student orders of magnitude closer to the teacher than every other
+    layer, for a few seconds of calibration (README, "Choosing the layers").
+    Others (GPT-2, GPT-Neo): ``every-other``, DistilGPT2's published map.
+    """
+    if strategy not in (None, "auto"):
+        return strategy
+    family = ARCHITECTURES.get(getattr(teacher_config, "model_type", ""))
+    return "importance" if family is not None and family.family == "llama" else "every-other"
+
+
+def student_depth(num_teacher_layers: int, num_layers: int | None) -> int:
+    """The student's depth: ``num_layers``, or half the teacher's by default."""
+    return num_layers if num_layers is not None else max(1, num_teacher_layers // 2)
+
+
+def check_layer_request(num_teacher_layers: int, layers: list[int] | None, num_layers: int | None,
+                        strategy: str) -> None:
+    """Range checks of a layer request for any strategy, from the teacher's depth alone."""
+    if strategy not in ALL_STRATEGIES:
+        raise ValueError(f"unknown layer strategy {strategy!r}; choose one of {', '.join(ALL_STRATEGIES)}")
+    static = "first" if strategy in DATA_STRATEGIES else strategy
+    resolve_layer_map(num_teacher_layers, layers, num_layers, static)
 
 
 def validate_layer_map(layers: list[int], num_teacher_layers: int) -> list[int]:

@@ -37,7 +37,7 @@ from .config import ConfigError, RunConfig, load_config
 from .data.prepare import PreparedData, prepare
 from .data.sampler import BlockSampler
 from .evaluate.perplexity import PerplexityProtocol, perplexity
-from .importance import block_influence
+from .layer_search import choose_layers
 from .losses import LossWeights, distillation_loss
 from .schedule import Budget, lr_factor
 from .models import (
@@ -53,7 +53,16 @@ from .models import (
     resolve_device,
     tokenizer_fingerprint,
 )
-from .student import build_student, check_shared_vocabulary, resolve_layer_map, save_model
+from .student import (
+    DATA_STRATEGIES,
+    build_student,
+    check_layer_request,
+    check_shared_vocabulary,
+    resolve_layer_map,
+    resolve_strategy,
+    save_model,
+    student_depth,
+)
 
 
 class RunDirError(ValueError):
@@ -112,9 +121,9 @@ def check_config_against_models(config: RunConfig) -> None:
             )
     if config.model.student is None:
         try:
-            # Range checks only: the importance scores need the teacher's weights.
-            strategy = "first" if config.model.strategy == "importance" else config.model.strategy
-            resolve_layer_map(config_num_layers(teacher_cfg), config.model.layers, config.model.num_layers, strategy)
+            # Range checks only: importance and search need the teacher's weights.
+            check_layer_request(config_num_layers(teacher_cfg), config.model.layers, config.model.num_layers,
+                                resolve_strategy(config.model.strategy, teacher_cfg))
         except ValueError as err:
             field = "model.layers" if config.model.layers is not None else "model.num_layers"
             raise ConfigError(f"config value {field}: {err}") from None
@@ -130,14 +139,22 @@ def prepared_dir(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Path:
 def make_student(config: RunConfig, teacher: PreTrainedModel, train_tokens: np.ndarray) -> PreTrainedModel:
     if config.model.student is not None:
         return load_model(config.model.student)
-    influence = None
-    if config.model.strategy == "importance" and config.model.layers is None:
-        influence = block_influence(teacher, train_tokens, block_size=min(config.data.block_size, 256))
-        print("[lmdistill] block influence per teacher layer: " + ", ".join(f"{x:.3f}" for x in influence))
-    layers = resolve_layer_map(len(decoder_layers(teacher)), config.model.layers, config.model.num_layers,
-                               config.model.strategy, influence)
-    print(f"[lmdistill] student keeps teacher layers {layers}")
-    return build_student(teacher, layers, random_init=config.model.random_init, seed=config.train.seed)
+    m = config.model
+    num_teacher = len(decoder_layers(teacher))
+    strategy = resolve_strategy(m.strategy, teacher.config)
+    choice = None
+    if strategy in DATA_STRATEGIES and m.layers is None:
+        choice = choose_layers(teacher, train_tokens, student_depth(num_teacher, m.num_layers), strategy,
+                               m.calibration_tokens, m.search_objective, block_size=min(config.data.block_size, 256),
+                               log=lambda line: print(f"[lmdistill] {line}"))
+        layers = choice.layers
+    else:
+        layers = resolve_layer_map(num_teacher, m.layers, m.num_layers, strategy)
+    print(f"[lmdistill] student keeps teacher layers {layers}" + ("" if m.layers else f" ({strategy})"))
+    student = build_student(teacher, layers, random_init=m.random_init, seed=config.train.seed)
+    if choice is not None:
+        student.config.lmdistill_layer_choice = choice.to_dict()  # saved in config.json with the student
+    return student
 
 
 def build_setup(config: RunConfig, student_init: Path | None = None) -> Setup:

@@ -418,3 +418,29 @@ def test_init_student_importance_strategy(capsys, ws, tmp_path):
     tokens = tokenize_documents(tokenizer, list(parse_source(str(ws["text"])).documents("train")))
     expected = most_influential(block_influence(teacher, tokens, block_size=256, max_tokens=256), 2)
     assert AutoModelForCausalLM.from_pretrained(out).config.lmdistill_layer_map == expected
+    choice = AutoModelForCausalLM.from_pretrained(out).config.lmdistill_layer_choice
+    assert choice["strategy"] == "importance" and choice["layers"] == expected
+    assert set(choice["cuts"]) == {"every-other", "uniform", "importance"}
+
+
+def test_init_student_search_strategy_prints_and_saves_every_step(capsys, ws, tmp_path):
+    from lmdistill.data.prepare import calibration_tokens
+    from lmdistill.layer_search import greedy_search, make_calibration
+    from lmdistill.models import load_model, load_tokenizer
+
+    out = tmp_path / "student"
+    rc, stdout, err = run_cli(capsys, "init-student", "--teacher", ws["teacher"], "--num-layers", "2", "--strategy",
+                              "search", "--calibration", ws["text"], "--calibration-tokens", "128", "--out", out)
+    assert rc == 0, err
+    teacher = load_model(ws["teacher"])
+    tokens = calibration_tokens(load_tokenizer(ws["teacher"]), str(ws["text"]), 128)
+    expected = greedy_search(teacher, make_calibration(teacher, tokens, block_size=128, max_tokens=128), keep=2)
+    config = AutoModelForCausalLM.from_pretrained(out).config
+    assert config.lmdistill_layer_map == expected.layers
+    saved = config.lmdistill_layer_choice["search"]
+    num_teacher = teacher.config.num_hidden_layers if hasattr(teacher.config, "num_hidden_layers") else teacher.config.n_layer
+    assert [s["removed"] for s in saved["steps"]] == [s.removed for s in expected.steps]
+    assert len(saved["steps"]) == num_teacher - 2
+    for step in expected.steps:  # every step printed with its score
+        assert f"removed layer {step.removed:>3}: {len(step.score.layers)} left" in stdout
+    assert "| every-other |" in stdout and "| uniform |" in stdout and "| search |" in stdout

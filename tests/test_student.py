@@ -170,3 +170,11 @@ def test_generic_fallback_finds_parts():
     arch = _discover_architecture(teacher)
     assert isinstance(arch, Architecture)
     assert (arch.layers, arch.final_norm, arch.embed) == ("model.layers", "model.norm", "model.embed_tokens")
+
+
+def test_auto_strategy_follows_the_teacher_family():
+    from lmdistill.student import resolve_strategy
+
+    assert resolve_strategy("auto", tiny_llama(num_layers=2).config) == "importance"
+    assert resolve_strategy(None, tiny_gpt2(n_layer=2).config) == "every-other"
+    assert resolve_strategy("uniform", tiny_llama(num_layers=2).config) == "uniform"

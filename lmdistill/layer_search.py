@@ -1,0 +1,267 @@
+"""Score cuts of a teacher on calibration tokens, and search for the cut that costs least.
+
+A *cut* is the list of teacher layers a student keeps. :func:`keep_only` runs the teacher
+as if it were cut (the same module objects, no copy), so scoring a cut costs one forward
+pass of the cut model and no weights are built. :func:`score_cut` measures the cut on a
+:class:`Calibration` set: cross-entropy on the next tokens and KL(teacher || cut) per
+token. :func:`greedy_search` removes one layer at a time, each time the layer whose removal
+raises the chosen objective least (the layer-pruning baseline of Gromov et al. 2024 and
+ShortGPT's comparisons), and records every step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from .models import architecture_of, config_context_length, decoder_layers, eval_mode, model_device
+from .student import validate_layer_map
+
+OBJECTIVES = ("kl", "ce")
+
+
+@contextlib.contextmanager
+def keep_only(model: PreTrainedModel, layers: list[int]) -> Iterator[PreTrainedModel]:
+    """Within the block, ``model`` runs only the decoder ``layers`` (in order); restored after.
+
+    Only for forward passes without a KV cache: attention modules keep their original
+    ``layer_idx``. The per-layer attention kind (GPT-Neo local/global, sliding windows)
+    lives in each layer module, so it follows the layer.
+    """
+    arch = architecture_of(model)
+    full = decoder_layers(model)
+    layers = validate_layer_map(layers, len(full))
+    parent_path, _, name = arch.layers.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    count_before = getattr(model.config, arch.num_layers_key)
+    setattr(parent, name, nn.ModuleList([full[i] for i in layers]))
+    setattr(model.config, arch.num_layers_key, len(layers))  # Llama slices layers by this count
+    try:
+        yield model
+    finally:
+        setattr(parent, name, full)
+        setattr(model.config, arch.num_layers_key, count_before)
+
+
+@dataclass
+class Calibration:
+    """Disjoint blocks of calibration tokens with the full teacher's log-probabilities.
+
+    ``blocks``: ``(n_blocks, block_size)`` token ids. ``teacher_logprobs``: per batch of
+    blocks, ``(batch, block_size - 1, vocab)`` float32 log-softmax of the teacher's logits
+    at each position that has a next token (None if only CE is needed).
+    """
+
+    blocks: torch.Tensor
+    batch_size: int
+    teacher_logprobs: list[torch.Tensor] | None
+
+    @property
+    def tokens_scored(self) -> int:
+        return self.blocks.shape[0] * (self.blocks.shape[1] - 1)
+
+    def batches(self) -> Iterator[tuple[int, torch.Tensor]]:
+        for index, start in enumerate(range(0, self.blocks.shape[0], self.batch_size)):
+            yield index, self.blocks[start : start + self.batch_size]
+
+
+@torch.no_grad()
+def make_calibration(teacher: PreTrainedModel, tokens: np.ndarray, block_size: int = 256, max_tokens: int = 2048,
+                     batch_size: int = 4, with_teacher: bool = True) -> Calibration:
+    """Cut the first ``max_tokens`` of a 1-D token stream into blocks; run the teacher once."""
+    context = config_context_length(teacher.config)
+    block_size = min(block_size, context) if context else block_size
+    n_blocks = min(len(tokens), max_tokens) // block_size
+    if n_blocks < 1:
+        raise ValueError(f"scoring layer cuts needs at least {block_size} calibration tokens, got {len(tokens)}; "
+                         "give more calibration text or a smaller block size")
+    blocks = torch.as_tensor(np.asarray(tokens[: n_blocks * block_size], dtype=np.int64)).view(n_blocks, block_size)
+    calibration = Calibration(blocks, batch_size, None)
+    if with_teacher:
+        device = model_device(teacher)
+        with eval_mode(teacher):
+            calibration.teacher_logprobs = [
+                F.log_softmax(teacher(input_ids=batch.to(device), use_cache=False).logits[:, :-1].float(), dim=-1).cpu()
+                for _, batch in calibration.batches()
+            ]
+    return calibration
+
+
+@dataclass(frozen=True)
+class CutScore:
+    """A cut measured on calibration tokens (nats per token)."""
+
+    layers: list[int]
+    ce: float
+    """Cross-entropy of the cut model on the next calibration token."""
+    kl: float | None
+    """KL(full teacher || cut model) per token, temperature 1 (None without teacher targets)."""
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(min(self.ce, 700.0))
+
+    def objective(self, name: str) -> float:
+        value = self.kl if name == "kl" else self.ce
+        if value is None:
+            raise ValueError("the kl objective needs a calibration set made with the teacher's targets")
+        return value
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "perplexity": self.perplexity}
+
+
+@torch.no_grad()
+def score_cut(model: PreTrainedModel, calibration: Calibration, layers: list[int]) -> CutScore:
+    """CE and KL to the full model of ``model`` cut to ``layers``, on the calibration blocks."""
+    ce_sum, kl_sum = 0.0, 0.0
+    device = model_device(model)
+    with keep_only(model, layers), eval_mode(model):
+        for index, batch in calibration.batches():
+            batch = batch.to(device)
+            logprobs = F.log_softmax(model(input_ids=batch, use_cache=False).logits[:, :-1].float(), dim=-1)
+            ce_sum += -logprobs.gather(-1, batch[:, 1:].unsqueeze(-1)).double().sum().item()
+            if calibration.teacher_logprobs is not None:
+                target = calibration.teacher_logprobs[index].to(device)
+                kl_sum += (target.exp() * (target - logprobs)).double().sum().item()
+    n = calibration.tokens_scored
+    return CutScore(list(layers), ce_sum / n, kl_sum / n if calibration.teacher_logprobs is not None else None)
+
+
+@dataclass
+class SearchStep:
+    """One greedy step: the layer removed and the score of the cut left."""
+
+    removed: int
+    score: CutScore
+    candidates: dict[int, float] = field(default_factory=dict)
+    """Objective of the cut without each candidate layer, for every layer tried at this step."""
+
+    def to_dict(self) -> dict:
+        return {"removed": self.removed, **self.score.to_dict(),
+                "candidates": {str(k): v for k, v in self.candidates.items()}}
+
+
+@dataclass
+class SearchResult:
+    objective: str
+    start: CutScore
+    steps: list[SearchStep]
+
+    @property
+    def layers(self) -> list[int]:
+        return self.steps[-1].score.layers if self.steps else self.start.layers
+
+    def to_dict(self) -> dict:
+        return {"objective": self.objective, "layers": self.layers, "start": self.start.to_dict(),
+                "steps": [step.to_dict() for step in self.steps]}
+
+
+def greedy_search(model: PreTrainedModel, calibration: Calibration, keep: int, objective: str = "kl",
+                  on_step: Callable[[SearchStep], None] | None = None) -> SearchResult:
+    """Remove layers one at a time until ``keep`` remain, each time the cheapest to remove.
+
+    The cheapest is the one whose removal gives the lowest ``objective`` (``kl`` to the full
+    model or calibration ``ce``); ties go to the lower layer. ``on_step`` sees each step as
+    it is made (for printing progress).
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown search objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    num_layers = len(decoder_layers(model))
+    if not 1 <= keep <= num_layers:
+        raise ValueError(f"cannot keep {keep} of {num_layers} layers; choose between 1 and {num_layers}")
+    current = list(range(num_layers))
+    start = score_cut(model, calibration, current)
+    start.objective(objective)  # fails now, not after the first step, when KL targets are missing
+    steps: list[SearchStep] = []
+    while len(current) > keep:
+        scores = {layer: score_cut(model, calibration, [i for i in current if i != layer]) for layer in current}
+        candidates = {layer: score.objective(objective) for layer, score in scores.items()}
+        removed = min(current, key=lambda layer: (candidates[layer], layer))
+        current.remove(removed)
+        step = SearchStep(removed, scores[removed], candidates)
+        steps.append(step)
+        if on_step is not None:
+            on_step(step)
+    return SearchResult(objective, start, steps)
+
+
+def format_cut_table(rows: dict[str, CutScore], tokens: int) -> str:
+    """A Markdown table of named cuts (strategy -> score) with their calibration protocol."""
+    lines = [f"calibration: {tokens:,} next-token predictions; CE and KL(teacher || cut) in nats per token",
+             "", "| cut | layers | calibration ppl | CE | KL to teacher |", "|---|---|---:|---:|---:|"]
+    for name, score in rows.items():
+        kl = f"{score.kl:.4f}" if score.kl is not None else "-"
+        lines.append(f"| {name} | {','.join(map(str, score.layers))} | {score.perplexity:,.2f} | {score.ce:.4f} | {kl} |")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- choosing a cut
+
+DEFAULT_CALIBRATION_TOKENS = 2048
+
+
+@dataclass
+class LayerChoice:
+    """How a data-driven strategy chose a student's layers, kept with the student."""
+
+    strategy: str
+    layers: list[int]
+    calibration_tokens: int
+    cuts: dict[str, CutScore]
+    """The chosen cut beside the every-other and uniform cuts of the same depth."""
+    influence: list[float] | None = None
+    search: SearchResult | None = None
+
+    def to_dict(self) -> dict:
+        return {"strategy": self.strategy, "layers": self.layers, "calibration_tokens": self.calibration_tokens,
+                "cuts": {name: score.to_dict() for name, score in self.cuts.items()},
+                "influence": self.influence, "search": self.search.to_dict() if self.search else None}
+
+
+def choose_layers(teacher: PreTrainedModel, tokens: np.ndarray, num_layers: int, strategy: str,
+                  calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS, objective: str = "kl",
+                  block_size: int = 256, log: Callable[[str], None] = print) -> LayerChoice:
+    """Pick ``num_layers`` teacher layers by ``importance`` or ``search`` on calibration tokens.
+
+    Prints what it measures (block influence, or each search step) and a table of the chosen
+    cut beside the every-other and uniform cuts, all scored on the same calibration tokens.
+    """
+    from .importance import block_influence, most_influential
+    from .student import layer_map
+
+    num_teacher = len(decoder_layers(teacher))
+    layer_map(num_teacher, num_layers, "first")  # range check before any forward pass
+    calibration = make_calibration(teacher, tokens, block_size=block_size, max_tokens=calibration_tokens)
+    influence, search = None, None
+    if strategy == "importance":
+        influence = block_influence(teacher, tokens, block_size=calibration.blocks.shape[1],
+                                    max_tokens=calibration_tokens)
+        log("block influence per teacher layer (1 - cos(input, output)): "
+            + ", ".join(f"{i}: {x:.3f}" for i, x in enumerate(influence)))
+        layers = most_influential(influence, num_layers)
+    elif strategy == "search":
+        log(f"greedy layer search ({objective}): {num_teacher} -> {num_layers} layers, "
+            f"{num_teacher - num_layers} steps on {calibration.tokens_scored:,} calibration tokens")
+
+        def report(step: SearchStep) -> None:
+            log(f"  removed layer {step.removed:>3}: {len(step.score.layers)} left, calibration ppl "
+                f"{step.score.perplexity:,.2f}, KL to teacher {step.score.kl:.4f}")
+
+        search = greedy_search(teacher, calibration, num_layers, objective, on_step=report)
+        layers = search.layers
+    else:
+        raise ValueError(f"strategy {strategy!r} does not choose layers from data; use importance or search")
+    cuts = {name: score_cut(teacher, calibration, layer_map(num_teacher, num_layers, name))
+            for name in ("every-other", "uniform")}
+    cuts[strategy] = search.steps[-1].score if search and search.steps else score_cut(teacher, calibration, layers)
+    log(format_cut_table(cuts, calibration.tokens_scored))
+    return LayerChoice(strategy, layers, calibration.tokens_scored + calibration.blocks.shape[0], cuts, influence, search)
