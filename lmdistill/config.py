@@ -84,12 +84,24 @@ class LossConfig:
     """Weight of the MSE loss between last hidden states."""
     temperature: float = 2.0
     """Softmax temperature for the KL term."""
+    align_cos: float = 0.0
+    """Weight of the cosine loss between each intermediate student layer and the teacher layer it was copied from."""
+    align_mse: float = 0.0
+    """Weight of the MSE loss between each intermediate student layer and the teacher layer it was copied from."""
+    align_layers: list[int] | None = None
+    """Student layers aligned by align_cos/align_mse (default: all but the last, whose output cos/mse cover)."""
+
+    _WEIGHTS = ("kl", "ce", "cos", "mse", "align_cos", "align_mse")
 
     def __post_init__(self) -> None:
-        for name in ("kl", "ce", "cos", "mse"):
+        for name in self._WEIGHTS:
             value = getattr(self, name)
             _check(math.isfinite(value) and value >= 0, f"loss.{name}", f"{value} must be a finite number >= 0")
-        _check(self.kl + self.ce + self.cos + self.mse > 0, "loss", "at least one of kl, ce, cos, mse must be > 0")
+        _check(sum(getattr(self, name) for name in self._WEIGHTS) > 0, "loss",
+               f"at least one of {', '.join(self._WEIGHTS)} must be > 0")
+        if self.align_layers is not None:
+            _check(len(self.align_layers) > 0 and all(i >= 0 for i in self.align_layers), "loss.align_layers",
+                   "must list student layer indices >= 0 (or be empty: null for the default)")
         _check(math.isfinite(self.temperature) and self.temperature > 0, "loss.temperature", f"{self.temperature} must be > 0")
 
 

@@ -35,6 +35,7 @@ __all__ = [
     "causal_lm_loss",
     "cosine_loss",
     "mse_loss",
+    "layer_alignment_loss",
     "LossWeights",
     "LossOutput",
     "distillation_loss",
@@ -261,6 +262,36 @@ def _hidden_state_loss(per_position, student_hidden: Tensor, teacher_hidden: Ten
     return _reduce(_per_position(chunk, student_hidden, teacher_hidden.detach()), valid, reduction)
 
 
+def layer_alignment_loss(
+    student_layers: list[Tensor],
+    teacher_layers: list[Tensor],
+    kind: str = "cos",
+    mask: Tensor | None = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """Hidden-state loss between paired layers, averaged over the pairs.
+
+    ``student_layers[i]`` is aligned with ``teacher_layers[i]`` (for a cut student, the output
+    of student layer ``i`` and of the teacher layer it was copied from). Averaging over pairs
+    keeps the term's scale, and so its weight, independent of how many layers are aligned.
+
+    Args:
+        student_layers, teacher_layers: equally long lists of ``(batch, seq, dim)`` tensors.
+        kind: ``"cos"`` (:func:`cosine_loss`) or ``"mse"`` (:func:`mse_loss`).
+        mask, reduction: as for every per-token loss here.
+    """
+    if kind not in ("cos", "mse"):
+        raise ValueError(f"alignment kind must be 'cos' or 'mse', got {kind!r}")
+    if not student_layers or len(student_layers) != len(teacher_layers):
+        raise ValueError(
+            f"need matching non-empty lists of student and teacher layers, got {len(student_layers)} and "
+            f"{len(teacher_layers)}"
+        )
+    loss = cosine_loss if kind == "cos" else mse_loss
+    terms = [loss(s, t, mask, reduction) for s, t in zip(student_layers, teacher_layers)]
+    return torch.stack(terms).sum() / len(terms)
+
+
 # --------------------------------------------------------------------------- weighted sum
 
 
@@ -278,8 +309,12 @@ class LossWeights:
     """Weight of the mean-squared error between last hidden states (off in the recipe)."""
     temperature: float = 2.0
     """Softmax temperature T for the KL term; must be > 0."""
+    align_cos: float = 0.0
+    """Weight of the cosine loss between intermediate student layers and their teacher layers."""
+    align_mse: float = 0.0
+    """Weight of the MSE loss between intermediate student layers and their teacher layers."""
 
-    _TERMS = ("kl", "ce", "cos", "mse")  # no annotation: a class constant, not a field
+    _TERMS = ("kl", "ce", "cos", "mse", "align_cos", "align_mse")  # a class constant, not a field
 
     def __post_init__(self) -> None:
         for name in self._TERMS:
@@ -299,8 +334,18 @@ class LossWeights:
             raise ValueError(f"temperature must be a finite number > 0 (e.g. 2.0), got {t!r}")
 
     def active_terms(self) -> list[str]:
-        """Names of the terms with weight > 0, in the order kl, ce, cos, mse."""
+        """Names of the terms with weight > 0, in the order of ``_TERMS``."""
         return [name for name in self._TERMS if getattr(self, name) > 0]
+
+    @property
+    def needs_hidden(self) -> bool:
+        """Whether the last hidden states are needed (cos or mse)."""
+        return self.cos > 0 or self.mse > 0
+
+    @property
+    def needs_layers(self) -> bool:
+        """Whether intermediate layer outputs are needed (align_cos or align_mse)."""
+        return self.align_cos > 0 or self.align_mse > 0
 
 
 @dataclass
@@ -322,6 +367,8 @@ def distillation_loss(
     student_hidden: Tensor | None = None,
     teacher_hidden: Tensor | None = None,
     reduction: str = "mean",
+    student_layers: list[Tensor] | None = None,
+    teacher_layers: list[Tensor] | None = None,
 ) -> LossOutput:
     """Weighted sum of the active terms (those with weight > 0); inactive ones are not computed.
 
@@ -334,6 +381,8 @@ def distillation_loss(
             count fewer positions than kl/cos/mse.
         student_hidden, teacher_hidden: ``(batch, seq, dim)``; needed when cos or mse > 0.
         reduction: ``"mean"`` or ``"sum"``, applied to each term.
+        student_layers, teacher_layers: paired intermediate layer outputs (see
+            :func:`layer_alignment_loss`); needed when align_cos or align_mse > 0.
 
     Raises:
         ValueError: an active term lacks its inputs (checked before anything is computed).
@@ -341,7 +390,7 @@ def distillation_loss(
     _check_reduction(reduction)
     # (name, weight, inputs it needs, how to compute it). Lambdas look the loss functions up
     # at call time, so only active terms ever run.
-    table: list[tuple[str, float, dict[str, Tensor | None], Callable[[], Tensor]]] = [
+    table: list[tuple[str, float, dict[str, object], Callable[[], Tensor]]] = [
         ("kl", weights.kl, {"teacher_logits": teacher_logits},
          lambda: kl_divergence(
              student_logits, teacher_logits, mask, weights.temperature, reduction)),
@@ -351,6 +400,10 @@ def distillation_loss(
          lambda: cosine_loss(student_hidden, teacher_hidden, mask, reduction)),
         ("mse", weights.mse, {"student_hidden": student_hidden, "teacher_hidden": teacher_hidden},
          lambda: mse_loss(student_hidden, teacher_hidden, mask, reduction)),
+        ("align_cos", weights.align_cos, {"student_layers": student_layers, "teacher_layers": teacher_layers},
+         lambda: layer_alignment_loss(student_layers, teacher_layers, "cos", mask, reduction)),
+        ("align_mse", weights.align_mse, {"student_layers": student_layers, "teacher_layers": teacher_layers},
+         lambda: layer_alignment_loss(student_layers, teacher_layers, "mse", mask, reduction)),
     ]
     active = [(name, w, needs, fn) for name, w, needs, fn in table if w > 0]
     for name, w, needs, _ in active:  # all checks first: fail before any expensive work

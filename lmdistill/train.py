@@ -62,6 +62,7 @@ from .student import (
     resolve_strategy,
     save_model,
     student_depth,
+    student_layer_map,
 )
 
 
@@ -84,15 +85,44 @@ class Setup:
     data: PreparedData
     device: torch.device
     weights: LossWeights
+    aligned: list[tuple[int, int]] | None = None
+    """(student layer, teacher layer) pairs for the align_* terms; None when they are off."""
 
 
 def loss_weights(config: RunConfig) -> LossWeights:
     c = config.loss
-    return LossWeights(kl=c.kl, ce=c.ce, cos=c.cos, mse=c.mse, temperature=c.temperature)
+    return LossWeights(kl=c.kl, ce=c.ce, cos=c.cos, mse=c.mse, temperature=c.temperature,
+                       align_cos=c.align_cos, align_mse=c.align_mse)
 
 
 def needs_teacher(weights: LossWeights) -> bool:
-    return any(name in weights.active_terms() for name in ("kl", "cos", "mse"))
+    return weights.kl > 0 or weights.needs_hidden or weights.needs_layers
+
+
+def aligned_layers(config: RunConfig, layer_map: list[int] | None, num_student: int) -> list[tuple[int, int]]:
+    """(student layer, teacher layer) pairs for intermediate-layer alignment.
+
+    Student layer ``i`` is aligned with teacher layer ``layer_map[i]``, the one it was copied
+    from. The last student layer is left to ``loss.cos``/``loss.mse``: its HF hidden state
+    is after the final norm, and so is comparable only with the teacher's last.
+    """
+    if layer_map is None:
+        raise ConfigError(
+            "config values loss.align_cos/loss.align_mse need a student cut from the teacher (its config.json records "
+            "lmdistill_layer_map, the teacher layer each student layer came from); set them to 0 for a pretrained "
+            "or randomly initialised student"
+        )
+    chosen = config.loss.align_layers if config.loss.align_layers is not None else list(range(num_student - 1))
+    bad = [i for i in chosen if not 0 <= i < num_student - 1]
+    if bad:
+        raise ConfigError(
+            f"config value loss.align_layers: student layer {bad[0]} cannot be aligned; choose among 0..{num_student - 2} "
+            f"(the student has {num_student} layers; the last one's output is aligned by loss.cos and loss.mse)"
+        )
+    if not chosen:
+        raise ConfigError("config values loss.align_cos/loss.align_mse: a 1-layer student has no intermediate layer "
+                          "to align; set them to 0")
+    return [(i, layer_map[i]) for i in chosen]
 
 
 def check_config_against_models(config: RunConfig) -> None:
@@ -119,6 +149,16 @@ def check_config_against_models(config: RunConfig) -> None:
                 f"config value data.block_size: {config.data.block_size} exceeds the {role}'s context of {context} "
                 f"tokens; set data.block_size={context} or less"
             )
+    if loss_weights(config).needs_layers:
+        if config.model.student is not None:
+            student_cfg = model_config(config.model.student)
+            aligned_layers(config, getattr(student_cfg, "lmdistill_layer_map", None), config_num_layers(student_cfg))
+        elif config.model.random_init:
+            aligned_layers(config, None, 0)
+        else:
+            depth = (len(config.model.layers) if config.model.layers is not None
+                     else student_depth(config_num_layers(teacher_cfg), config.model.num_layers))
+            aligned_layers(config, list(range(depth)), depth)  # indices only: the real map comes later
     if config.model.student is None:
         try:
             # Range checks only: importance and search need the teacher's weights.
@@ -179,12 +219,15 @@ def build_setup(config: RunConfig, student_init: Path | None = None) -> Setup:
         torch.manual_seed(config.train.seed)
         student = make_student(config, teacher, data.tokens("train"))
     check_shared_vocabulary(teacher, student)
+    aligned = None
+    if weights.needs_layers:
+        aligned = aligned_layers(config, student_layer_map(student), len(decoder_layers(student)))
     if not needs_teacher(weights):
         teacher = None  # causal-LM-only training: free the teacher's memory
     else:
         teacher.to(device).eval().requires_grad_(False)
     student.to(device)
-    return Setup(config, teacher, student, tokenizer, data, device, weights)
+    return Setup(config, teacher, student, tokenizer, data, device, weights, aligned)
 
 
 # ---------------------------------------------------------------------------------------
@@ -215,29 +258,34 @@ def make_optimizer(config: RunConfig, student: PreTrainedModel) -> torch.optim.A
 
 
 def forward_teacher(teacher: PreTrainedModel | None, input_ids: torch.Tensor, want_hidden: bool):
+    """Teacher logits and (if asked) all hidden states, without gradients."""
     if teacher is None:
         return None, None
     with torch.no_grad():
         out = teacher(input_ids=input_ids, output_hidden_states=want_hidden)
-    return out.logits, (out.hidden_states[-1] if want_hidden else None)
+    return out.logits, (out.hidden_states if want_hidden else None)
 
 
 def train_step(setup: Setup, optimizer: torch.optim.Optimizer, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
     """One optimiser step over ``micro_batches``; returns per-token loss terms and the grad norm."""
     student, weights = setup.student, setup.weights
-    want_hidden = any(name in weights.active_terms() for name in ("cos", "mse"))
+    want_hidden = weights.needs_hidden or weights.needs_layers
+    # hidden_states[0] is the embeddings, so layer i's output is hidden_states[i + 1].
+    pairs = setup.aligned or []
     step_tokens = sum(labels.numel() for _, labels in micro_batches)
     sums: dict[str, float] = {}
     student.train()
     optimizer.zero_grad(set_to_none=True)
     for input_ids, labels in micro_batches:
         input_ids, labels = input_ids.to(setup.device), labels.to(setup.device)
-        teacher_logits, teacher_hidden = forward_teacher(setup.teacher, input_ids, want_hidden)
+        teacher_logits, teacher_states = forward_teacher(setup.teacher, input_ids, want_hidden)
         out = student(input_ids=input_ids, output_hidden_states=want_hidden)
         loss = distillation_loss(
             out.logits, teacher_logits, labels, weights,
             student_hidden=out.hidden_states[-1] if want_hidden else None,
-            teacher_hidden=teacher_hidden, reduction="sum",
+            teacher_hidden=teacher_states[-1] if want_hidden else None, reduction="sum",
+            student_layers=[out.hidden_states[i + 1] for i, _ in pairs] if pairs else None,
+            teacher_layers=[teacher_states[j + 1] for _, j in pairs] if pairs else None,
         )
         (loss.total / step_tokens).backward()
         sums["loss"] = sums.get("loss", 0.0) + loss.total.item()

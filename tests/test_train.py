@@ -137,6 +137,7 @@ def test_importance_strategy_keeps_the_most_influential_layers(workspace, tmp_pa
     config.model.strategy = "importance"
     run_training(config, tmp_path / "run", progress=False)
     train_tokens = load_prepared(workspace["data"]).tokens("train")
-    scores = block_influence(load_model(workspace["teacher"]), train_tokens, block_size=32)
+    scores = block_influence(load_model(workspace["teacher"]), train_tokens, block_size=32,
+                             max_tokens=config.model.calibration_tokens)
     chosen = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student_init").config.lmdistill_layer_map
     assert chosen == most_influential(scores, 2)
