@@ -447,8 +447,10 @@ class _PeakMemory:
             torch.cuda.synchronize(self.device)
             return max(torch.cuda.max_memory_allocated(self.device) - base, 0)
         if self.method.startswith("process peak RSS"):
-            base = _proc_status_bytes("VmRSS")
             Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+            # Read back right after the reset (not before it) so memory freed by another
+            # thread in between cannot lower the high-water mark below the base.
+            base = _proc_status_bytes("VmHWM")
             run()
             return max(_proc_status_bytes("VmHWM") - base, 0)
         if "psutil" in self.method:
