@@ -75,7 +75,13 @@ class DataConfig:
 @dataclass
 class LossConfig:
     kl: float = 5.0
-    """Weight of KL(teacher || student) on softened logits (times T^2)."""
+    """Weight of the logit term: the divergence below between teacher and student on softened logits (times T^2)."""
+    divergence: str = "forward_kl"
+    """Logit divergence: forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl or tv (docs/divergences.md)."""
+    jsd_beta: float | None = None
+    """jsd only: weight of the teacher in the mixture, in [0, 1] (default 0.5; 0 = forward KL, 1 = reverse KL)."""
+    skew_alpha: float | None = None
+    """skew_kl and skew_reverse_kl only: skew in [0, 1] (default 0.1; 0 = plain KL)."""
     ce: float = 2.0
     """Weight of the causal-LM cross-entropy on the data."""
     cos: float = 1.0
@@ -99,10 +105,26 @@ class LossConfig:
             _check(math.isfinite(value) and value >= 0, f"loss.{name}", f"{value} must be a finite number >= 0")
         _check(sum(getattr(self, name) for name in self._WEIGHTS) > 0, "loss",
                f"at least one of {', '.join(self._WEIGHTS)} must be > 0")
+        _check(self.jsd_beta is None or self.divergence == "jsd", "loss.jsd_beta",
+               f"applies to loss.divergence=jsd only (it is {self.divergence}); remove it")
+        _check(self.skew_alpha is None or self.divergence in ("skew_kl", "skew_reverse_kl"), "loss.skew_alpha",
+               f"applies to loss.divergence=skew_kl or skew_reverse_kl only (it is {self.divergence}); remove it")
+        try:
+            self.divergence_spec()
+        except ValueError as err:
+            field = {"jsd": "loss.jsd_beta", "skew_kl": "loss.skew_alpha", "skew_reverse_kl": "loss.skew_alpha"}
+            raise ConfigError(f"config value {field.get(self.divergence, 'loss.divergence')}: {err}") from None
         if self.align_layers is not None:
             _check(len(self.align_layers) > 0 and all(i >= 0 for i in self.align_layers), "loss.align_layers",
                    "must list student layer indices >= 0 (or be empty: null for the default)")
         _check(math.isfinite(self.temperature) and self.temperature > 0, "loss.temperature", f"{self.temperature} must be > 0")
+
+
+    def divergence_spec(self):
+        """The logit divergence as a callable :class:`lmdistill.divergences.DivergenceSpec`."""
+        from .divergences import DivergenceSpec
+
+        return DivergenceSpec(self.divergence, beta=self.jsd_beta, alpha=self.skew_alpha)
 
 
 @dataclass

@@ -369,6 +369,7 @@ def distillation_loss(
     reduction: str = "mean",
     student_layers: list[Tensor] | None = None,
     teacher_layers: list[Tensor] | None = None,
+    divergence: Callable[..., Tensor] | None = None,
 ) -> LossOutput:
     """Weighted sum of the active terms (those with weight > 0); inactive ones are not computed.
 
@@ -383,6 +384,9 @@ def distillation_loss(
         reduction: ``"mean"`` or ``"sum"``, applied to each term.
         student_layers, teacher_layers: paired intermediate layer outputs (see
             :func:`layer_alignment_loss`); needed when align_cos or align_mse > 0.
+        divergence: the logit term's function ``(student_logits, teacher_logits, mask,
+            temperature, reduction)``, e.g. a :class:`lmdistill.divergences.DivergenceSpec`;
+            None means :func:`kl_divergence`. Its value is logged as the ``kl`` term.
 
     Raises:
         ValueError: an active term lacks its inputs (checked before anything is computed).
@@ -392,7 +396,7 @@ def distillation_loss(
     # at call time, so only active terms ever run.
     table: list[tuple[str, float, dict[str, object], Callable[[], Tensor]]] = [
         ("kl", weights.kl, {"teacher_logits": teacher_logits},
-         lambda: kl_divergence(
+         lambda: (divergence or kl_divergence)(
              student_logits, teacher_logits, mask, weights.temperature, reduction)),
         ("ce", weights.ce, {},
          lambda: causal_lm_loss(student_logits, labels, mask, reduction)),

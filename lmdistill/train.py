@@ -16,7 +16,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -87,6 +87,8 @@ class Setup:
     weights: LossWeights
     aligned: list[tuple[int, int]] | None = None
     """(student layer, teacher layer) pairs for the align_* terms; None when they are off."""
+    divergence: Callable[..., torch.Tensor] | None = None
+    """The logit term's divergence (None: forward KL)."""
 
 
 def loss_weights(config: RunConfig) -> LossWeights:
@@ -227,7 +229,7 @@ def build_setup(config: RunConfig, student_init: Path | None = None) -> Setup:
     else:
         teacher.to(device).eval().requires_grad_(False)
     student.to(device)
-    return Setup(config, teacher, student, tokenizer, data, device, weights, aligned)
+    return Setup(config, teacher, student, tokenizer, data, device, weights, aligned, config.loss.divergence_spec())
 
 
 # ---------------------------------------------------------------------------------------
@@ -286,6 +288,7 @@ def train_step(setup: Setup, optimizer: torch.optim.Optimizer, micro_batches: li
             teacher_hidden=teacher_states[-1] if want_hidden else None, reduction="sum",
             student_layers=[out.hidden_states[i + 1] for i, _ in pairs] if pairs else None,
             teacher_layers=[teacher_states[j + 1] for _, j in pairs] if pairs else None,
+            divergence=setup.divergence,
         )
         (loss.total / step_tokens).backward()
         sums["loss"] = sums.get("loss", 0.0) + loss.total.item()
@@ -439,7 +442,7 @@ def run_training(config: RunConfig | None, out_dir: Path, resume: bool = False, 
             done.elapsed += seconds
             append_metrics(run, {
                 "step": done.step, "tokens_seen": done.tokens_seen, "lr": lr,
-                **{k: round(v, 6) for k, v in metrics.items()},
+                **{k: float(f"{v:.7g}") for k, v in metrics.items()},  # 7 significant digits
                 "tokens_per_s": round(tokens_per_step / seconds, 1), "elapsed_s": round(done.elapsed, 2),
             })
             bar.total = budget.estimated_total_steps(done.step, done.elapsed)

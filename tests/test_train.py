@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lmdistill.checkpoint import RunDir, read_metrics
-from lmdistill.config import ConfigError, load_config
+from lmdistill.config import ConfigError, LossConfig, load_config
 from lmdistill.train import RunDirError, run_training
 
 from .helpers import save_with_tokenizer, small_text_file, tiny_gpt2
@@ -141,3 +142,27 @@ def test_importance_strategy_keeps_the_most_influential_layers(workspace, tmp_pa
                              max_tokens=config.model.calibration_tokens)
     chosen = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student_init").config.lmdistill_layer_map
     assert chosen == most_influential(scores, 2)
+
+
+@pytest.mark.parametrize("name", ["reverse_kl", "jsd", "tv"])
+def test_configured_divergence_is_the_logged_logit_term(workspace, tmp_path, name):
+    from lmdistill.data.prepare import load_prepared
+    from lmdistill.data.sampler import BlockSampler
+    from lmdistill.divergences import DivergenceSpec
+    from lmdistill.models import load_model
+
+    config = make_config(workspace, max_steps=1, batch_size=2)
+    config.loss = LossConfig(**{**asdict(config.loss), "divergence": name, "cos": 0.0, "ce": 0.0,
+                                "jsd_beta": 0.9 if name == "jsd" else None})
+    run_training(config, tmp_path / "run", progress=False)
+    logged = next(r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r)
+    # The first step's batch and models, rebuilt: the logged term is the divergence before the update.
+    tokens = load_prepared(workspace["data"]).tokens("train")
+    input_ids, _ = BlockSampler(len(tokens), 32, 2, seed=config.train.seed).next_batch(tokens)
+    teacher, student = load_model(workspace["teacher"]), load_model(tmp_path / "run" / "student_init")
+    with torch.no_grad():
+        spec = DivergenceSpec(name, beta=config.loss.jsd_beta)
+        expected = spec(student(input_ids=input_ids).logits, teacher(input_ids=input_ids).logits,
+                        temperature=config.loss.temperature)
+    assert logged["kl"] == pytest.approx(expected.item(), rel=1e-4)
+    assert logged["loss"] == pytest.approx(config.loss.kl * expected.item(), rel=1e-4)
