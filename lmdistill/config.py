@@ -96,6 +96,8 @@ class LossConfig:
     """Weight of the MSE loss between each intermediate student layer and the teacher layer it was copied from."""
     align_layers: list[int] | None = None
     """Student layers aligned by align_cos/align_mse (default: all but the last, whose output cos/mse cover)."""
+    chunk_tokens: int = 1024
+    """Positions per chunk of the fused lm_head + KL/CE (no batch x seq x vocab logits are built); 0 builds the full logits. Only forward_kl has the fused path; other divergences build full logits."""
 
     _WEIGHTS = ("kl", "ce", "cos", "mse", "align_cos", "align_mse")
 
@@ -105,6 +107,7 @@ class LossConfig:
             _check(math.isfinite(value) and value >= 0, f"loss.{name}", f"{value} must be a finite number >= 0")
         _check(sum(getattr(self, name) for name in self._WEIGHTS) > 0, "loss",
                f"at least one of {', '.join(self._WEIGHTS)} must be > 0")
+        _check(self.chunk_tokens >= 0, "loss.chunk_tokens", f"{self.chunk_tokens} must be >= 0 (0: full logits)")
         _check(self.jsd_beta is None or self.divergence == "jsd", "loss.jsd_beta",
                f"applies to loss.divergence=jsd only (it is {self.divergence}); remove it")
         _check(self.skew_alpha is None or self.divergence in ("skew_kl", "skew_reverse_kl"), "loss.skew_alpha",

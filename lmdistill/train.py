@@ -8,6 +8,7 @@ of 1 sequence give the same update as 1 batch of 4.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -38,7 +39,8 @@ from .data.prepare import PreparedData, prepare
 from .data.sampler import BlockSampler
 from .evaluate.perplexity import PerplexityProtocol, perplexity
 from .layer_search import choose_layers
-from .losses import LossWeights, distillation_loss
+from .chunked_loss import chunked_logit_losses
+from .losses import LossOutput, LossWeights, distillation_loss
 from .schedule import Budget, lr_factor
 from .models import (
     architecture_of,
@@ -89,6 +91,8 @@ class Setup:
     """(student layer, teacher layer) pairs for the align_* terms; None when they are off."""
     divergence: Callable[..., torch.Tensor] | None = None
     """The logit term's divergence (None: forward KL)."""
+    chunk_tokens: int = 0
+    """> 0: KL and CE come from the fused, chunked lm_head loss (lmdistill.chunked_loss)."""
 
 
 def loss_weights(config: RunConfig) -> LossWeights:
@@ -229,7 +233,34 @@ def build_setup(config: RunConfig, student_init: Path | None = None) -> Setup:
     else:
         teacher.to(device).eval().requires_grad_(False)
     student.to(device)
-    return Setup(config, teacher, student, tokenizer, data, device, weights, aligned, config.loss.divergence_spec())
+    chunk_tokens = fused_chunk_tokens(config, teacher, student)
+    return Setup(config, teacher, student, tokenizer, data, device, weights, aligned, config.loss.divergence_spec(),
+                 chunk_tokens)
+
+
+# Config fields of models whose logits are not just lm_head(last hidden state).
+_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
+
+
+def fused_chunk_tokens(config: RunConfig, teacher: PreTrainedModel | None, student: PreTrainedModel) -> int:
+    """``loss.chunk_tokens`` when the fused path computes this run's logit terms exactly, else 0."""
+    c = config.loss
+    if c.chunk_tokens == 0 or (c.kl == 0 and c.ce == 0):
+        return 0
+    reason = None
+    if c.divergence != "forward_kl" and c.kl > 0:
+        reason = f"loss.divergence={c.divergence} has no fused path (forward_kl only)"
+    for role, model in (("teacher", teacher if c.kl > 0 else None), ("student", student)):
+        if model is None:
+            continue
+        transforms = [k for k in _LOGIT_TRANSFORMS if getattr(model.config, k, None) not in (None, 1, 1.0)]
+        head = model.get_output_embeddings()
+        if transforms or not isinstance(head, nn.Linear):
+            reason = f"the {role}'s logits are not a plain linear head ({', '.join(transforms) or type(head).__name__})"
+    if reason:
+        print(f"[lmdistill] {reason}: building full logits (loss.chunk_tokens ignored)")
+        return 0
+    return c.chunk_tokens
 
 
 # ---------------------------------------------------------------------------------------
@@ -259,37 +290,67 @@ def make_optimizer(config: RunConfig, student: PreTrainedModel) -> torch.optim.A
 # One step
 
 
-def forward_teacher(teacher: PreTrainedModel | None, input_ids: torch.Tensor, want_hidden: bool):
-    """Teacher logits and (if asked) all hidden states, without gradients."""
+def forward_teacher(teacher: PreTrainedModel | None, input_ids: torch.Tensor, want_hidden: bool, fused: bool = False):
+    """Teacher logits (None when ``fused``) and hidden states (all if asked, else the last when fused)."""
     if teacher is None:
         return None, None
     with torch.no_grad():
-        out = teacher(input_ids=input_ids, output_hidden_states=want_hidden)
-    return out.logits, (out.hidden_states if want_hidden else None)
+        return forward_model(teacher, input_ids, want_hidden, fused)
+
+
+def forward_model(model: PreTrainedModel, input_ids: torch.Tensor, want_hidden: bool, fused: bool):
+    """``(logits, hidden_states)``. Fused: no logits, only the body (the loss applies the lm_head
+    chunk by chunk) and at least the last hidden state, after the final norm."""
+    if not fused:
+        out = model(input_ids=input_ids, output_hidden_states=want_hidden)
+        return out.logits, (out.hidden_states if want_hidden else None)
+    out = model.base_model(input_ids=input_ids, output_hidden_states=want_hidden)
+    return None, (out.hidden_states if want_hidden else (out.last_hidden_state,))
+
+
+def step_loss(setup: Setup, input_ids: torch.Tensor, labels: torch.Tensor) -> LossOutput:
+    """The weighted loss of one micro-batch (summed over tokens), through the fused path when set."""
+    student, weights = setup.student, setup.weights
+    fused = setup.chunk_tokens > 0
+    want_hidden = weights.needs_hidden or weights.needs_layers
+    pairs = setup.aligned or []  # hidden_states[0] is the embeddings: layer i's output is [i + 1]
+    teacher_logits, teacher_states = forward_teacher(setup.teacher, input_ids, want_hidden, fused)
+    student_logits, student_states = forward_model(student, input_ids, want_hidden, fused)
+    rest = weights
+    terms: dict[str, torch.Tensor] = {}
+    total = None
+    if fused:
+        head, t_head = student.get_output_embeddings(), setup.teacher.get_output_embeddings() if weights.kl > 0 else None
+        logit_terms = chunked_logit_losses(
+            student_states[-1], head.weight, teacher_states[-1] if weights.kl > 0 else None,
+            t_head.weight if t_head is not None else None, labels, kl_weight=weights.kl, ce_weight=weights.ce,
+            temperature=weights.temperature, reduction="sum", student_head_bias=head.bias,
+            teacher_head_bias=t_head.bias if t_head is not None else None, chunk_tokens=setup.chunk_tokens)
+        total, terms = logit_terms.total, dict(logit_terms.terms)
+        if not (weights.needs_hidden or weights.needs_layers):
+            return LossOutput(total=total, terms=terms)
+        rest = dataclasses.replace(weights, kl=0.0, ce=0.0)
+    out = distillation_loss(
+        student_logits, teacher_logits, labels, rest,
+        student_hidden=student_states[-1] if want_hidden else None,
+        teacher_hidden=teacher_states[-1] if want_hidden else None, reduction="sum",
+        student_layers=[student_states[i + 1] for i, _ in pairs] if pairs else None,
+        teacher_layers=[teacher_states[j + 1] for _, j in pairs] if pairs else None,
+        divergence=setup.divergence,
+    )
+    return LossOutput(total=out.total if total is None else total + out.total, terms={**terms, **out.terms})
 
 
 def train_step(setup: Setup, optimizer: torch.optim.Optimizer, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
     """One optimiser step over ``micro_batches``; returns per-token loss terms and the grad norm."""
-    student, weights = setup.student, setup.weights
-    want_hidden = weights.needs_hidden or weights.needs_layers
-    # hidden_states[0] is the embeddings, so layer i's output is hidden_states[i + 1].
-    pairs = setup.aligned or []
+    student = setup.student
     step_tokens = sum(labels.numel() for _, labels in micro_batches)
     sums: dict[str, float] = {}
     student.train()
     optimizer.zero_grad(set_to_none=True)
     for input_ids, labels in micro_batches:
         input_ids, labels = input_ids.to(setup.device), labels.to(setup.device)
-        teacher_logits, teacher_states = forward_teacher(setup.teacher, input_ids, want_hidden)
-        out = student(input_ids=input_ids, output_hidden_states=want_hidden)
-        loss = distillation_loss(
-            out.logits, teacher_logits, labels, weights,
-            student_hidden=out.hidden_states[-1] if want_hidden else None,
-            teacher_hidden=teacher_states[-1] if want_hidden else None, reduction="sum",
-            student_layers=[out.hidden_states[i + 1] for i, _ in pairs] if pairs else None,
-            teacher_layers=[teacher_states[j + 1] for _, j in pairs] if pairs else None,
-            divergence=setup.divergence,
-        )
+        loss = step_loss(setup, input_ids, labels)
         (loss.total / step_tokens).backward()
         sums["loss"] = sums.get("loss", 0.0) + loss.total.item()
         for name, value in loss.terms.items():
