@@ -16,6 +16,21 @@ from transformers import PreTrainedModel
 from .models import config_context_length, decoder_layers, eval_mode, model_device
 
 
+def calibration_blocks(model: PreTrainedModel, tokens: np.ndarray, block_size: int, max_tokens: int,
+                       purpose: str) -> torch.Tensor:
+    """The first ``max_tokens`` of a 1-D token stream as disjoint blocks ``(n, block_size)``.
+
+    ``block_size`` is capped at the model's context; ``purpose`` names the caller in the error.
+    """
+    context = config_context_length(model.config)
+    block_size = min(block_size, context) if context else block_size
+    n_blocks = min(len(tokens), max_tokens) // block_size
+    if n_blocks < 1:
+        raise ValueError(f"{purpose} needs at least {block_size} calibration tokens, got {len(tokens)}; "
+                         "give more calibration text or a smaller block size")
+    return torch.as_tensor(np.asarray(tokens[: n_blocks * block_size], dtype=np.int64)).view(n_blocks, block_size)
+
+
 @torch.no_grad()
 def block_influence(model: PreTrainedModel, tokens: np.ndarray, block_size: int = 256, max_tokens: int = 4096,
                     batch_size: int = 4) -> list[float]:
@@ -24,13 +39,8 @@ def block_influence(model: PreTrainedModel, tokens: np.ndarray, block_size: int 
     ``tokens`` is a 1-D token stream cut into disjoint blocks of ``block_size`` tokens (at
     most the model's context).
     """
-    context = config_context_length(model.config)
-    block_size = min(block_size, context) if context else block_size
-    n_blocks = min(len(tokens), max_tokens) // block_size
-    if n_blocks < 1:
-        raise ValueError(f"block influence needs at least {block_size} calibration tokens, got {len(tokens)}; "
-                         "give more calibration text or a smaller block size")
-    blocks = torch.as_tensor(np.asarray(tokens[: n_blocks * block_size], dtype=np.int64)).view(n_blocks, block_size)
+    blocks = calibration_blocks(model, tokens, block_size, max_tokens, "block influence")
+    n_blocks = blocks.shape[0]
     layers = decoder_layers(model)
     sums = torch.zeros(len(layers), dtype=torch.float64)
     count = 0

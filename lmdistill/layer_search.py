@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from .models import architecture_of, config_context_length, decoder_layers, eval_mode, model_device
-from .student import validate_layer_map
+from .importance import block_influence, calibration_blocks, most_influential
+from .models import architecture_of, decoder_layers, eval_mode, model_device
+from .student import layer_map, validate_layer_map
 
 OBJECTIVES = ("kl", "ce")
 
@@ -77,13 +78,7 @@ class Calibration:
 def make_calibration(teacher: PreTrainedModel, tokens: np.ndarray, block_size: int = 256, max_tokens: int = 2048,
                      batch_size: int = 4, with_teacher: bool = True) -> Calibration:
     """Cut the first ``max_tokens`` of a 1-D token stream into blocks; run the teacher once."""
-    context = config_context_length(teacher.config)
-    block_size = min(block_size, context) if context else block_size
-    n_blocks = min(len(tokens), max_tokens) // block_size
-    if n_blocks < 1:
-        raise ValueError(f"scoring layer cuts needs at least {block_size} calibration tokens, got {len(tokens)}; "
-                         "give more calibration text or a smaller block size")
-    blocks = torch.as_tensor(np.asarray(tokens[: n_blocks * block_size], dtype=np.int64)).view(n_blocks, block_size)
+    blocks = calibration_blocks(teacher, tokens, block_size, max_tokens, "scoring layer cuts")
     calibration = Calibration(blocks, batch_size, None)
     if with_teacher:
         device = model_device(teacher)
@@ -235,9 +230,6 @@ def choose_layers(teacher: PreTrainedModel, tokens: np.ndarray, num_layers: int,
     Prints what it measures (block influence, or each search step) and a table of the chosen
     cut beside the every-other and uniform cuts, all scored on the same calibration tokens.
     """
-    from .importance import block_influence, most_influential
-    from .student import layer_map
-
     num_teacher = len(decoder_layers(teacher))
     layer_map(num_teacher, num_layers, "first")  # range check before any forward pass
     calibration = make_calibration(teacher, tokens, block_size=block_size, max_tokens=calibration_tokens)
