@@ -82,15 +82,23 @@ class BlockSampler:
 
     def next_batch(self, tokens: np.ndarray) -> tuple[torch.LongTensor, torch.LongTensor]:
         """The next ``(input_ids, labels)`` from ``tokens`` (the split this sampler was made for)."""
+        input_ids, labels, _ = self.next_indexed_batch(tokens)
+        return input_ids, labels
+
+    def next_indexed_batch(self, tokens: np.ndarray) -> tuple[torch.LongTensor, torch.LongTensor, np.ndarray]:
+        """Like :meth:`next_batch`, plus the block indices ``(batch_size,)`` the rows come from
+        (row ``r``'s input is ``tokens[b*B : b*B + B]`` for ``b = blocks[r]``), for looking up
+        data stored per block such as a teacher cache. Advances the sampler the same way."""
         if len(tokens) != self.num_tokens:
             raise DataError(
                 f"sampler was built for {self.num_tokens:,} tokens but got {len(tokens):,}; "
                 "build it from the same split it samples"
             )
-        starts = self._next_blocks() * self.block_size
+        blocks = self._next_blocks()
+        starts = blocks * self.block_size
         windows = np.asarray(tokens)[starts[:, None] + np.arange(self.block_size + 1)]
         t = torch.from_numpy(windows.astype(np.int64))
-        return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+        return t[:, :-1].contiguous(), t[:, 1:].contiguous(), blocks
 
     def state_dict(self) -> dict:
         return {

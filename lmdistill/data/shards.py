@@ -20,6 +20,7 @@ another tokenizer or a file that is not a shard fails loudly instead of training
 
 from __future__ import annotations
 
+import hashlib
 import os
 import struct
 import tempfile
@@ -174,3 +175,27 @@ def read_shard(path: Path, expected_fingerprint: str | None = None) -> np.ndarra
     if header.num_tokens == 0:  # np.memmap refuses a zero-length map
         return np.zeros(0, dtype=header.dtype)
     return np.memmap(path, dtype=header.dtype, mode="r", offset=HEADER_BYTES, shape=(header.num_tokens,))
+
+
+# Digests already computed by this process, keyed by (path, size, mtime): a run's several
+# checks hash a large shard once.
+_DIGESTS: dict[tuple[str, int, int], str] = {}
+
+
+def shard_digest(path: Path) -> str:
+    """sha256 of a verified shard file (header and tokens): the identity of its token data.
+
+    Two shards hash alike exactly when they hold the same tokens from the same tokenizer, so
+    data derived from a shard (a teacher cache) can be matched to it later.
+    """
+    path = Path(path)
+    shard_info(path)  # a missing, truncated or foreign file fails here with the usual message
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 22), b""):
+                digest.update(block)
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
