@@ -1,0 +1,624 @@
+"""Teacher soft targets computed once and stored next to the token shards.
+
+``lmdistill cache-teacher`` runs the teacher once over the training blocks of a prepared
+folder and stores, for every input position, its ``k`` largest logits (16-bit), their token
+ids and the log-sum-exp of the logits over the whole vocabulary at each temperature asked
+for; ``lmdistill distill --teacher-cache DIR`` then trains without the teacher's weights,
+with the sparse KL of :mod:`lmdistill.sparse_kl`. ``docs/teacher_cache.md`` is the guide.
+
+Alignment. The sampler's block ``i`` has input ``tokens[i*B : i*B + B]`` (B = block size);
+the teacher runs on exactly those blocks, and cache position ``p = i*B + j`` holds its
+prediction after input token ``p`` within block ``i``. There are ``(num_tokens - 1) // B``
+blocks (the sampler's count), so a cache is valid for one block size only.
+
+Values. The stored logits are shifted by the position's largest logit (``v = logit - max``,
+so the top one is 0): softmax is shift-invariant, and small magnitudes keep the 16-bit
+rounding small (GPT-2's raw logits sit near -100, where fp16 steps by 0.06). The stored
+log-sum-exp uses the same shift: ``lse_T = logsumexp((logits - max) / T)``, so
+``exp(v_i / T - lse_T)`` is the teacher's probability of token ``i`` at ``T``.
+
+Files (``CACHE_DIR/{split}.{part:05d}-of-{parts:05d}.bin``), one per part; a part is a
+contiguous range of blocks, part ``r`` of ``W`` holding blocks ``[r*n//W, (r+1)*n//W)``. Each
+is a 1024-byte little-endian header, then one record per position of the part::
+
+    offset  type        field
+    0       int32       magic CACHE_MAGIC
+    4       int32       format version CACHE_VERSION
+    8       int32       k (logits kept per position)
+    12      int32       value dtype code: 1 = float16, 2 = bfloat16 (raw 16-bit words)
+    16      int32       index dtype code: 2 = uint16 (vocab <= 65536), 4 = int32
+    20      int32       number of temperatures n_T (1..16)
+    24      int64       vocabulary size (the teacher's logit count)
+    32      int64       block size B
+    40      int64       positions in the whole cache (all parts): blocks * B
+    48      int64       first position of this part
+    56      int64       positions in this part
+    64      int32       part index r
+    68      int32       number of parts W
+    72      16 float64  temperatures (the first n_T are used)
+    200     64 B        teacher fingerprint (config and weights), sha256 hex
+    264     64 B        teacher config fingerprint, sha256 hex
+    328     64 B        tokenizer fingerprint, sha256 hex
+    392     64 B        token-shard fingerprint (sha256 of the split's .bin file)
+    456     16 B        split name, ascii, zero-padded
+    (zeros up to 1024)
+
+    record: values   k x 16-bit    (logit - max), descending
+            indices  k x uint16/int32
+            lse      n_T x float32 (logsumexp((logit - max) / T) at each temperature)
+
+Every open checks each header (magic, version, codes, geometry) and the exact file size,
+and that all parts agree and are all present; a part still being written has the suffix
+``.partial`` and is never read.
+
+Writes. A part is built in ``NAME.partial`` (the header first, the file at its full size),
+one batch of blocks at a time: each batch's records are written at their offset and
+fsynced, then ``NAME.progress.json`` (blocks done) is replaced atomically. A killed build
+resumes after the last recorded batch, with the recorded batch size, so it writes the same
+bytes as an uninterrupted one; the finished part is fsynced and renamed to ``NAME``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+
+from .atomic import write_text_atomic
+from .data.errors import DataError
+from .data.prepare import PreparedData
+from .data.shards import shard_digest
+from .models import config_context_length, config_fingerprint, model_device, model_fingerprint
+
+__all__ = [
+    "CACHE_MAGIC",
+    "CACHE_VERSION",
+    "CacheHeader",
+    "TeacherCache",
+    "TeacherCacheError",
+    "TeacherTargets",
+    "BuildResult",
+    "build_teacher_cache",
+    "data_fingerprint",
+    "part_blocks",
+    "part_name",
+]
+
+CACHE_MAGIC = 20251201
+CACHE_VERSION = 1
+HEADER_BYTES = 1024
+MAX_TEMPERATURES = 16
+_HEADER = struct.Struct("<iiiiiiqqqqqii16d64s64s64s64s16s")
+_VALUE_CODES = {1: "fp16", 2: "bf16"}
+_VALUE_TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16}
+_INDEX_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<i4")}
+
+
+class TeacherCacheError(DataError):
+    """A teacher cache that is missing, incomplete, corrupt, or made for other settings."""
+
+
+def part_name(split: str, part: int, parts: int) -> str:
+    return f"{split}.{part:05d}-of-{parts:05d}.bin"
+
+
+_PART_RE = re.compile(r"^(?P<split>.+)\.(?P<part>\d{5})-of-(?P<parts>\d{5})\.bin$")
+
+
+def part_blocks(num_blocks: int, part: int, parts: int) -> tuple[int, int]:
+    """The contiguous block range ``[start, end)`` of part ``part`` of ``parts``."""
+    return part * num_blocks // parts, (part + 1) * num_blocks // parts
+
+
+def data_fingerprint(data: PreparedData, split: str = "train") -> str:
+    """The token-shard fingerprint a cache built on ``split`` of ``data`` records."""
+    data.tokens(split)  # a missing split or a shard that fails verification is reported here
+    return shard_digest(data.out_dir / f"{split}.bin")
+
+
+# ---------------------------------------------------------------------------------------
+# Header
+
+
+@dataclass(frozen=True)
+class CacheHeader:
+    """The decoded header of one part file."""
+
+    k: int
+    value_dtype: str  # "fp16" or "bf16"
+    index_code: int  # 2 = uint16, 4 = int32
+    vocab_size: int
+    block_size: int
+    total_positions: int
+    part_start: int
+    part_positions: int
+    part: int
+    parts: int
+    temperatures: tuple[float, ...]
+    teacher_fingerprint: str
+    teacher_config_fingerprint: str
+    tokenizer_fingerprint: str
+    data_fingerprint: str
+    split: str
+
+    @property
+    def record_dtype(self) -> np.dtype:
+        """One position: ``values`` (raw 16-bit), ``indices``, ``lse`` (float32 per temperature)."""
+        return np.dtype([("values", "<u2", (self.k,)), ("indices", _INDEX_DTYPES[self.index_code], (self.k,)),
+                         ("lse", "<f4", (len(self.temperatures),))])
+
+    @property
+    def num_blocks(self) -> int:
+        return self.total_positions // self.block_size
+
+    @property
+    def file_bytes(self) -> int:
+        return HEADER_BYTES + self.part_positions * self.record_dtype.itemsize
+
+    def settings(self) -> CacheHeader:
+        """The header with its part fields zeroed: what every part of one cache shares."""
+        return replace(self, part_start=0, part_positions=0, part=0)
+
+    def pack(self) -> bytes:
+        value_code = {v: c for c, v in _VALUE_CODES.items()}[self.value_dtype]
+        temps = list(self.temperatures) + [0.0] * (MAX_TEMPERATURES - len(self.temperatures))
+        head = _HEADER.pack(
+            CACHE_MAGIC, CACHE_VERSION, self.k, value_code, self.index_code, len(self.temperatures),
+            self.vocab_size, self.block_size, self.total_positions, self.part_start, self.part_positions,
+            self.part, self.parts, *temps, self.teacher_fingerprint.encode("ascii"),
+            self.teacher_config_fingerprint.encode("ascii"), self.tokenizer_fingerprint.encode("ascii"),
+            self.data_fingerprint.encode("ascii"), self.split.encode("ascii"),
+        )
+        return head.ljust(HEADER_BYTES, b"\0")
+
+
+def _fail(path: Path, problem: str) -> TeacherCacheError:
+    return TeacherCacheError(
+        f"teacher cache file {path}: {problem}; rebuild it with lmdistill cache-teacher (it is a derived cache, "
+        f"safe to delete)"
+    )
+
+
+def read_header(path: Path) -> CacheHeader:
+    """The verified header of one part file: magic, version, codes, geometry and exact size."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(HEADER_BYTES)
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise _fail(path, "file does not exist") from None
+    except OSError as err:
+        raise _fail(path, f"cannot be read ({err.strerror})") from None
+    if len(raw) < HEADER_BYTES:
+        raise _fail(path, f"only {len(raw)} bytes, shorter than the {HEADER_BYTES}-byte header")
+    fields = _HEADER.unpack_from(raw)
+    magic, version, k, value_code, index_code, n_t = fields[:6]
+    vocab, block, total, start, count, part, parts = fields[6:13]
+    temps = fields[13 : 13 + MAX_TEMPERATURES]
+    fps = fields[13 + MAX_TEMPERATURES : 17 + MAX_TEMPERATURES]
+    split_raw = fields[17 + MAX_TEMPERATURES]
+    if magic != CACHE_MAGIC:
+        raise _fail(path, f"bad magic number {magic} (expected {CACHE_MAGIC}); not an lmdistill teacher cache")
+    if version != CACHE_VERSION:
+        raise _fail(path, f"format version {version}, this lmdistill reads version {CACHE_VERSION}")
+    if value_code not in _VALUE_CODES or index_code not in _INDEX_DTYPES:
+        raise _fail(path, f"unknown value/index dtype codes {value_code}/{index_code}")
+    if not 1 <= n_t <= MAX_TEMPERATURES or not all(math.isfinite(t) and t > 0 for t in temps[:n_t]):
+        raise _fail(path, f"bad temperature list ({n_t} temperatures)")
+    if not (1 <= k <= vocab and block >= 1 and total >= 0 and total % block == 0 and 1 <= parts and 0 <= part < parts):
+        raise _fail(path, f"inconsistent header (k={k}, vocab={vocab}, block={block}, positions={total}, "
+                          f"part {part} of {parts})")
+    if index_code == 2 and vocab > 2**16:
+        raise _fail(path, f"uint16 indices for a vocabulary of {vocab}")
+    first, end = part_blocks(total // block, part, parts)
+    if (start, count) != (first * block, (end - first) * block):
+        raise _fail(path, f"part {part} of {parts} should hold positions {first * block}..{end * block}, "
+                          f"header says {start}..{start + count}")
+    try:
+        teacher_fp, config_fp, tokenizer_fp, data_fp = (f.decode("ascii") for f in fps)
+        split = split_raw.rstrip(b"\0").decode("ascii")
+    except UnicodeDecodeError:
+        raise _fail(path, "fingerprints or split name are not ascii") from None
+    header = CacheHeader(k, _VALUE_CODES[value_code], index_code, vocab, block, total, start, count, part, parts,
+                         tuple(temps[:n_t]), teacher_fp, config_fp, tokenizer_fp, data_fp, split)
+    if size != header.file_bytes:
+        state = "truncated" if size < header.file_bytes else "padded"
+        raise _fail(path, f"{state}: {size} bytes on disk, header says {count} positions of "
+                          f"{header.record_dtype.itemsize} bytes = {header.file_bytes} bytes")
+    return header
+
+
+# ---------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass
+class TeacherTargets:
+    """Stored teacher targets for a batch of blocks, at one temperature."""
+
+    values: torch.Tensor
+    """``(batch, block, k)`` float16/bfloat16: logits minus the position's largest logit."""
+    indices: torch.Tensor
+    """``(batch, block, k)`` int64 token ids."""
+    lse: torch.Tensor
+    """``(batch, block)`` float32: ``logsumexp((logits - max) / T)`` over the vocabulary."""
+    temperature: float
+
+    def to(self, device: torch.device | str) -> TeacherTargets:
+        return TeacherTargets(self.values.to(device), self.indices.to(device), self.lse.to(device), self.temperature)
+
+
+def _same_temperature(a: float, b: float) -> bool:
+    return math.isclose(a, b, rel_tol=1e-9, abs_tol=0.0)
+
+
+def _temperatures_text(temps: Sequence[float]) -> str:
+    return ", ".join(f"{t:g}" for t in temps)
+
+
+class TeacherCache:
+    """A complete teacher cache for one split: every part present and verified.
+
+    ``targets(blocks, T)`` returns the stored targets of those blocks (the sampler's block
+    indices); the files are memory-mapped, so only the blocks asked for are read.
+    """
+
+    def __init__(self, root: str | Path, split: str = "train") -> None:
+        self.root = Path(root)
+        self.split = split
+        if not self.root.is_dir():
+            raise TeacherCacheError(f"teacher cache {self.root} does not exist; build it with lmdistill "
+                                    f"cache-teacher --out {self.root}")
+        found: dict[int, dict[int, Path]] = {}
+        for path in self.root.iterdir():
+            m = _PART_RE.match(path.name)
+            if m and m["split"] == split:
+                found.setdefault(int(m["parts"]), {})[int(m["part"])] = path
+        partial = sorted(p.name for p in self.root.glob(f"{split}.*-of-*.bin.partial"))
+        if not found:
+            unfinished = f" (unfinished: {', '.join(partial)}; rerun the same cache-teacher command to finish)" if partial else ""
+            raise TeacherCacheError(f"teacher cache {self.root} holds no complete {split!r} cache{unfinished}; build "
+                                    f"it with lmdistill cache-teacher --split {split} --out {self.root}")
+        if len(found) > 1:
+            raise TeacherCacheError(
+                f"teacher cache {self.root} mixes {split!r} caches split into {' and '.join(map(str, sorted(found)))} "
+                f"parts; keep one set of part files (delete the others)"
+            )
+        ((parts, by_index),) = found.items()
+        missing = [r for r in range(parts) if r not in by_index]
+        if missing:
+            raise TeacherCacheError(
+                f"teacher cache {self.root} is incomplete: part(s) {', '.join(map(str, missing))} of {parts} are "
+                f"missing or unfinished; run lmdistill cache-teacher with --rank R --world-size {parts} for each "
+                f"(a rerun continues where a killed one stopped)"
+            )
+        self.paths = [by_index[r] for r in range(parts)]
+        self.headers = [read_header(p) for p in self.paths]
+        first = self.headers[0].settings()
+        for path, header in zip(self.paths, self.headers):
+            if header.settings() != first or header.split != split:
+                raise _fail(path, f"made with other settings than {self.paths[0].name} (another teacher, data, k, "
+                                  f"block size or temperatures); rebuild all parts together")
+            if (header.part, header.parts) != (int(_PART_RE.match(path.name)["part"]), parts):
+                raise _fail(path, f"header says part {header.part} of {header.parts}, its name another (renamed?)")
+        self.header = first
+        self._maps: list[np.ndarray | None] = [None] * parts
+        self._starts = np.array([h.part_start // first.block_size for h in self.headers], dtype=np.int64)
+
+    # -- facts -------------------------------------------------------------------------
+    @property
+    def k(self) -> int:
+        return self.header.k
+
+    @property
+    def block_size(self) -> int:
+        return self.header.block_size
+
+    @property
+    def temperatures(self) -> tuple[float, ...]:
+        return self.header.temperatures
+
+    @property
+    def num_blocks(self) -> int:
+        return self.header.num_blocks
+
+    @property
+    def vocab_size(self) -> int:
+        return self.header.vocab_size
+
+    def describe(self) -> str:
+        h = self.header
+        return (f"{self.root}: split {h.split}, {h.num_blocks:,} blocks of {h.block_size} = {h.total_positions:,} "
+                f"positions, top-{h.k} logits ({h.value_dtype}) of a {h.vocab_size:,}-token vocabulary, "
+                f"temperatures {_temperatures_text(h.temperatures)}, {h.parts} part(s)")
+
+    # -- checks ------------------------------------------------------------------------
+    def check(self, *, block_size: int | None = None, temperature: float | None = None,
+              tokenizer_fingerprint: str | None = None, teacher_config_fingerprint: str | None = None,
+              teacher_fingerprint: str | None = None, data_fingerprint: str | None = None,
+              vocab_size: int | None = None, num_tokens: int | None = None, teacher: str = "the teacher") -> None:
+        """Refuse, with a message naming the fix, a cache that does not fit what is given."""
+        h, root = self.header, self.root
+        rebuild = f"rebuild it with lmdistill cache-teacher --teacher {teacher} ... --out NEW_DIR"
+        if tokenizer_fingerprint is not None and tokenizer_fingerprint != h.tokenizer_fingerprint:
+            raise TeacherCacheError(
+                f"teacher cache {root} was built with another tokenizer (fingerprint {h.tokenizer_fingerprint[:12]}..., "
+                f"{teacher}'s is {tokenizer_fingerprint[:12]}...): its token ids mean other tokens; {rebuild}")
+        if teacher_config_fingerprint is not None and teacher_config_fingerprint != h.teacher_config_fingerprint:
+            raise TeacherCacheError(
+                f"teacher cache {root} was built from another teacher (config fingerprint "
+                f"{h.teacher_config_fingerprint[:12]}..., {teacher}'s is {teacher_config_fingerprint[:12]}...); {rebuild}")
+        if teacher_fingerprint is not None and teacher_fingerprint != h.teacher_fingerprint:
+            raise TeacherCacheError(
+                f"teacher cache {root} was built from another teacher (weights fingerprint "
+                f"{h.teacher_fingerprint[:12]}..., {teacher}'s is {teacher_fingerprint[:12]}...); {rebuild}")
+        if vocab_size is not None and vocab_size != h.vocab_size:
+            raise TeacherCacheError(
+                f"teacher cache {root} holds logits over a vocabulary of {h.vocab_size:,} tokens, the student has "
+                f"{vocab_size:,} output logits: logit distillation needs the teacher's vocabulary (a student cut from "
+                f"the teacher, or one that shares its tokenizer)")
+        if data_fingerprint is not None and data_fingerprint != h.data_fingerprint:
+            raise TeacherCacheError(
+                f"teacher cache {root} was built on other token data (token-shard fingerprint "
+                f"{h.data_fingerprint[:12]}..., this {h.split} shard's is {data_fingerprint[:12]}...); point "
+                f"data.sources / data.prepared_dir at the data it was built on, or rebuild it on this data")
+        if num_tokens is not None and (num_tokens - 1) // h.block_size != h.num_blocks:
+            raise TeacherCacheError(f"teacher cache {root} covers {h.num_blocks:,} blocks, the {h.split} split here "
+                                    f"has {(num_tokens - 1) // h.block_size:,}; {rebuild}")
+        if block_size is not None and block_size != h.block_size:
+            raise TeacherCacheError(
+                f"teacher cache {root} was built for blocks of {h.block_size} tokens (position i*B+j is the teacher's "
+                f"prediction after token j of block i), not data.block_size={block_size}; set "
+                f"data.block_size={h.block_size}, or rebuild the cache with --block-size {block_size}")
+        if temperature is not None and not any(_same_temperature(temperature, t) for t in h.temperatures):
+            raise TeacherCacheError(
+                f"teacher cache {root} holds the teacher's log-sum-exp at temperature(s) "
+                f"{_temperatures_text(h.temperatures)} only, not at loss.temperature={temperature:g}; set "
+                f"loss.temperature to one of them, or rebuild the cache with --temperatures including {temperature:g}")
+
+    # -- data --------------------------------------------------------------------------
+    def _records(self, part: int) -> np.ndarray:
+        if self._maps[part] is None:
+            h = self.headers[part]
+            self._maps[part] = np.memmap(self.paths[part], dtype=h.record_dtype, mode="r", offset=HEADER_BYTES,
+                                         shape=(h.part_positions,))
+        return self._maps[part]  # type: ignore[return-value]
+
+    def records(self, blocks: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The raw records of ``blocks``, ``(len(blocks), block_size)`` of :attr:`CacheHeader.record_dtype`."""
+        blocks = np.asarray(blocks, dtype=np.int64).reshape(-1)
+        if blocks.size and (blocks.min() < 0 or blocks.max() >= self.num_blocks):
+            raise TeacherCacheError(f"teacher cache {self.root} has blocks 0..{self.num_blocks - 1}, asked for "
+                                    f"{blocks.min()}..{blocks.max()}")
+        B = self.block_size
+        out = np.empty((blocks.size, B), dtype=self.header.record_dtype)
+        parts = np.searchsorted(self._starts, blocks, side="right") - 1
+        for row, (block, part) in enumerate(zip(blocks, parts)):
+            local = int(block - self._starts[part])
+            out[row] = self._records(int(part))[local * B : (local + 1) * B]
+        return out
+
+    def targets(self, blocks: Sequence[int] | np.ndarray, temperature: float) -> TeacherTargets:
+        """Stored values, indices and lse (at ``temperature``) of ``blocks``, as tensors."""
+        self.check(temperature=temperature)
+        t_index = next(i for i, t in enumerate(self.temperatures) if _same_temperature(temperature, t))
+        rec = self.records(blocks)
+        values = torch.from_numpy(np.ascontiguousarray(rec["values"]).view(np.int16)).view(_VALUE_TORCH[self.header.value_dtype])
+        indices = torch.from_numpy(rec["indices"].astype(np.int64))
+        lse = torch.from_numpy(np.ascontiguousarray(rec["lse"][..., t_index]))
+        return TeacherTargets(values, indices, lse, float(self.temperatures[t_index]))
+
+
+# ---------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass
+class BuildResult:
+    path: Path
+    """The part file (``.partial`` while unfinished)."""
+    complete: bool
+    blocks_done: int
+    blocks_total: int
+    """Blocks of this part."""
+    resumed_from: int
+    """Blocks already done when this call started (0 for a fresh build)."""
+
+
+def _temperature_list(temperatures: Sequence[float]) -> tuple[float, ...]:
+    temps = tuple(float(t) for t in temperatures)
+    if not 1 <= len(temps) <= MAX_TEMPERATURES:
+        raise ValueError(f"give 1 to {MAX_TEMPERATURES} temperatures, got {len(temps)}")
+    bad = [t for t in temps if not (math.isfinite(t) and t > 0)]
+    if bad:
+        raise ValueError(f"temperatures must be finite numbers > 0, got {bad[0]}")
+    if len({round(t, 12) for t in temps}) != len(temps):
+        raise ValueError(f"temperatures {_temperatures_text(temps)} repeat a value")
+    return temps
+
+
+def _read_progress(path: Path) -> dict | None:
+    try:
+        progress = json.loads(path.read_text())
+        int(progress["blocks_done"]), int(progress["batch_size"])
+        return progress
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _check_existing(out_dir: Path, header: CacheHeader) -> None:
+    """Refuse to mix this build with part files (finished or not) made for other settings."""
+    want = header.settings()
+    for path in sorted(out_dir.glob(f"{header.split}.*-of-*.bin*")):
+        m = _PART_RE.match(path.name.removesuffix(".partial"))
+        if m is None or m["split"] != header.split:
+            continue
+        if int(m["parts"]) != header.parts:
+            raise TeacherCacheError(
+                f"{out_dir} already holds a {header.split!r} cache split into {int(m['parts'])} parts ({path.name}); "
+                f"use --world-size {int(m['parts'])}, or another --out")
+        try:
+            other = read_header(path)  # a .partial file is preallocated, so its size checks too
+        except TeacherCacheError:
+            continue  # unreadable: the matching part is rebuilt below, others are the reader's problem
+        if other.settings() != want:
+            raise TeacherCacheError(
+                f"{out_dir} already holds a teacher cache made with other settings ({path.name}: "
+                f"{_settings_difference(other, header)}); choose another --out, or delete {out_dir} to rebuild")
+
+
+def _settings_difference(a: CacheHeader, b: CacheHeader) -> str:
+    names = ("k", "value_dtype", "vocab_size", "block_size", "total_positions", "temperatures",
+             "teacher_fingerprint", "teacher_config_fingerprint", "tokenizer_fingerprint", "data_fingerprint")
+    diffs = [f"{n} {getattr(a, n)} vs {getattr(b, n)}" if "fingerprint" not in n else f"another {n.replace('_fingerprint', '')}"
+             for n in names if getattr(a, n) != getattr(b, n)]
+    return "; ".join(diffs) or "header differs"
+
+
+@torch.no_grad()
+def teacher_records(teacher: PreTrainedModel, input_ids: torch.Tensor, k: int, temperatures: Sequence[float],
+                    record_dtype: np.dtype, value_dtype: str) -> np.ndarray:
+    """The records of a batch of blocks ``(n, B)``: ``(n * B,)`` of ``record_dtype``."""
+    logits = teacher(input_ids=input_ids.to(model_device(teacher))).logits.float()
+    if not torch.isfinite(logits).any(dim=-1).all() or torch.isnan(logits).any():
+        raise FloatingPointError("the teacher produced NaN logits (or no finite logit at a position); check its weights")
+    top, idx = logits.topk(k, dim=-1)  # sorted, largest first
+    peak = top[..., :1]
+    values = (top - peak).to(_VALUE_TORCH[value_dtype])
+    shifted = logits - peak
+    lse = torch.stack([torch.logsumexp(shifted / t, dim=-1) for t in temperatures], dim=-1)
+    rec = np.empty(values.shape[0] * values.shape[1], dtype=record_dtype)
+    rec["values"] = values.view(torch.int16).reshape(-1, k).cpu().numpy().view("<u2")
+    rec["indices"] = idx.reshape(-1, k).cpu().numpy()
+    rec["lse"] = lse.reshape(-1, len(temperatures)).cpu().numpy()
+    return rec
+
+
+def build_teacher_cache(
+    teacher: PreTrainedModel,
+    data: PreparedData,
+    out_dir: str | Path,
+    *,
+    top_k: int,
+    temperatures: Sequence[float],
+    block_size: int,
+    tokenizer_fingerprint: str,
+    split: str = "train",
+    value_dtype: str = "fp16",
+    batch_size: int = 8,
+    rank: int = 0,
+    world_size: int = 1,
+    max_batches: int | None = None,
+    progress: bool = True,
+    teacher_fingerprint: str | None = None,
+) -> BuildResult:
+    """Compute (or continue computing) part ``rank`` of ``world_size`` of the cache in ``out_dir``.
+
+    ``max_batches`` stops after that many batches (the part stays ``.partial``; a later call
+    continues it). ``teacher_fingerprint`` skips hashing the weights when the caller has it.
+    The cache is complete once every part is: :class:`TeacherCache` refuses it before.
+    """
+    out_dir = Path(out_dir)
+    if value_dtype not in _VALUE_TORCH:
+        raise ValueError(f"value dtype must be one of {', '.join(_VALUE_TORCH)}, got {value_dtype!r}")
+    temps = _temperature_list(temperatures)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world size {world_size}")
+    if batch_size < 1:
+        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+    vocab = teacher.get_output_embeddings().weight.shape[0] if teacher.get_output_embeddings() is not None \
+        else teacher.config.vocab_size
+    if not 1 <= top_k <= vocab:
+        raise ValueError(f"top-k must be between 1 and the teacher's vocabulary of {vocab:,}, got {top_k}")
+    context = config_context_length(teacher.config)
+    if block_size < 1 or (context is not None and block_size > context):
+        raise ValueError(f"block size {block_size} must be between 1 and the teacher's context of {context} tokens")
+    if data.fingerprint != tokenizer_fingerprint:
+        raise DataError(f"{data.out_dir} was prepared with another tokenizer than the teacher's; prepare it with "
+                        f"lmdistill prepare --tokenizer TEACHER")
+    tokens = data.tokens(split)
+    num_blocks = max(len(tokens) - 1, 0) // block_size
+    if num_blocks < world_size:
+        raise DataError(f"the {split} split has {len(tokens):,} tokens: {num_blocks} block(s) of {block_size} (+1), "
+                        f"fewer than the {world_size} part(s) asked for; use a smaller block size or more data")
+    first, end = part_blocks(num_blocks, rank, world_size)
+    header = CacheHeader(
+        k=top_k, value_dtype=value_dtype, index_code=2 if vocab <= 2**16 else 4, vocab_size=vocab,
+        block_size=block_size, total_positions=num_blocks * block_size, part_start=first * block_size,
+        part_positions=(end - first) * block_size, part=rank, parts=world_size, temperatures=temps,
+        teacher_fingerprint=teacher_fingerprint or model_fingerprint(teacher),
+        teacher_config_fingerprint=config_fingerprint(teacher.config), tokenizer_fingerprint=tokenizer_fingerprint,
+        data_fingerprint=data_fingerprint(data, split), split=split,
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_existing(out_dir, header)
+    final = out_dir / part_name(split, rank, world_size)
+    partial = final.with_name(final.name + ".partial")
+    progress_path = final.with_name(final.name.removesuffix(".bin") + ".progress.json")
+    blocks_total = end - first
+    if final.exists():
+        read_header(final)  # complete, verified, same settings (checked above): nothing to do
+        progress_path.unlink(missing_ok=True)  # left by a run killed just after its rename
+        return BuildResult(final, True, blocks_total, blocks_total, blocks_total)
+
+    packed = header.pack()
+    done, step = 0, batch_size
+    saved = _read_progress(progress_path) if partial.exists() else None
+    if saved is not None and partial.stat().st_size == header.file_bytes and _file_starts_with(partial, packed):
+        done, step = min(int(saved["blocks_done"]), blocks_total), int(saved["batch_size"])
+        if step != batch_size:
+            print(f"[lmdistill] resuming with the batch size of the interrupted run ({step}), so that the bytes match")
+    else:
+        with open(partial, "wb") as fh:
+            fh.write(packed)
+            fh.truncate(header.file_bytes)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(partial, 0o644)
+        write_text_atomic(progress_path, json.dumps({"blocks_done": 0, "batch_size": step}) + "\n")
+    resumed_from = done
+
+    record_size = header.record_dtype.itemsize
+    teacher.eval()
+    bar = tqdm(total=blocks_total, initial=done, unit="block", disable=not progress, dynamic_ncols=True,
+               desc=f"cache-teacher part {rank}/{world_size}")
+    batches = 0
+    fd = os.open(partial, os.O_RDWR)
+    try:
+        while done < blocks_total and (max_batches is None or batches < max_batches):
+            count = min(step, blocks_total - done)
+            starts = (first + done + np.arange(count)) * block_size
+            window = np.asarray(tokens)[starts[:, None] + np.arange(block_size)]
+            rec = teacher_records(teacher, torch.from_numpy(window.astype(np.int64)), top_k, temps,
+                                  header.record_dtype, value_dtype)
+            os.pwrite(fd, rec.tobytes(), HEADER_BYTES + done * block_size * record_size)
+            os.fsync(fd)
+            done += count
+            batches += 1
+            write_text_atomic(progress_path, json.dumps({"blocks_done": done, "batch_size": step}) + "\n")
+            bar.update(count)
+    finally:
+        os.close(fd)
+        bar.close()
+    if done < blocks_total:
+        return BuildResult(partial, False, done, blocks_total, resumed_from)
+    os.replace(partial, final)
+    progress_path.unlink(missing_ok=True)
+    read_header(final)
+    return BuildResult(final, True, done, blocks_total, resumed_from)
+
+
+def _file_starts_with(path: Path, prefix: bytes) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(len(prefix)) == prefix
