@@ -2,6 +2,7 @@
 
     lmdistill prepare       text sources -> token shards
     lmdistill init-student  cut a student from a teacher
+    lmdistill cache-teacher store the teacher's top-k logits over prepared token shards
     lmdistill distill       train a student (or --resume a run)
     lmdistill eval          perplexity of several models under one protocol
     lmdistill generate      continue a prompt (--compare MODEL2: side by side)
@@ -95,18 +96,73 @@ def _choose_layers(teacher, tokenizer, args: argparse.Namespace):
     return choose_layers(teacher, tokens, depth, args.strategy, args.calibration_tokens, args.search_objective)
 
 
+def _parse_temperatures(text: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--temperatures takes comma-separated numbers such as 1,2, not {text!r}") from None
+
+
+def cmd_cache_teacher(args: argparse.Namespace) -> int:
+    from .data.prepare import load_prepared, prepare
+    from .data.sources import parse_source
+    from .models import config_context_length, load_model, load_tokenizer, model_config, resolve_device, tokenizer_fingerprint
+    from .teacher_cache import TeacherCache, build_teacher_cache
+    from .train import default_prepared_dir
+
+    # Cheap checks first: arguments, the teacher's config and tokenizer, the data.
+    if args.top_k < 1:
+        raise ValueError(f"--top-k must be at least 1, got {args.top_k}")
+    if args.world_size < 1 or not 0 <= args.rank < args.world_size:
+        raise ValueError(f"need 0 <= --rank < --world-size, got --rank {args.rank} --world-size {args.world_size}")
+    teacher_cfg = model_config(args.teacher)
+    vocab, context = getattr(teacher_cfg, "vocab_size", None), config_context_length(teacher_cfg)
+    if vocab is not None and args.top_k > vocab:
+        raise ValueError(f"--top-k {args.top_k} exceeds the teacher's vocabulary of {vocab:,} tokens")
+    if args.block_size < 1 or (context is not None and args.block_size > context):
+        raise ValueError(f"--block-size {args.block_size} must be between 1 and the teacher's context of {context} "
+                         f"tokens (use the data.block_size the distill run will use)")
+    tokenizer = load_tokenizer(args.teacher)
+    fingerprint = tokenizer_fingerprint(tokenizer)
+    folder = Path(args.data[0])
+    if len(args.data) == 1 and (folder / "meta.json").is_file():
+        data = load_prepared(folder)
+        if data.fingerprint != fingerprint:
+            raise ValueError(f"{folder} was prepared with another tokenizer than {args.teacher}'s; prepare the text "
+                             f"with lmdistill prepare --tokenizer {args.teacher}")
+    else:
+        for spec in args.data:
+            parse_source(spec)  # fail on a bad source before tokenising
+        data = prepare(tokenizer, args.data, default_prepared_dir(args.data, tokenizer), tokenizer_name=args.teacher)
+    device = resolve_device(args.device)
+    teacher = load_model(args.teacher, device=device)
+    result = build_teacher_cache(
+        teacher, data, Path(args.out), top_k=args.top_k, temperatures=args.temperatures, block_size=args.block_size,
+        tokenizer_fingerprint=fingerprint, split=args.split, value_dtype=args.dtype, batch_size=args.batch_size,
+        rank=args.rank, world_size=args.world_size)
+    resumed = f" (continued from block {result.resumed_from:,})" if 0 < result.resumed_from < result.blocks_total else ""
+    print(f"wrote {result.path}: {result.blocks_total:,} blocks{resumed}")
+    try:
+        print(f"complete: {TeacherCache(args.out, split=args.split).describe()}")
+    except ValueError as err:  # other parts still to come
+        print(f"part {args.rank} of {args.world_size} done; the cache is usable once every part is ({err})")
+    return 0
+
+
 def cmd_distill(args: argparse.Namespace) -> int:
     from .config import load_config
     from .train import run_training
 
     if args.resume:
-        if args.config or args.overrides:
-            raise ValueError("--resume continues a run with its saved config.yaml; drop --config and overrides")
+        if args.config or args.overrides or args.teacher_cache:
+            raise ValueError("--resume continues a run with its saved config.yaml; drop --config, --teacher-cache and "
+                             "overrides")
         summary = run_training(None, Path(args.resume), resume=True)  # type: ignore[arg-type]
     else:
         if not args.out:
             raise ValueError("distill needs --out RUN_DIR (or --resume RUN_DIR)")
-        config = load_config(args.config, args.overrides)
+        overrides = list(args.overrides) + ([f"model.teacher_cache={args.teacher_cache}"] if args.teacher_cache else [])
+        config = load_config(args.config, overrides)
         summary = run_training(config, Path(args.out))
     return 0 if summary["finished"] else 130
 
@@ -233,9 +289,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output HF folder")
     p.set_defaults(func=cmd_init_student)
 
+    p = sub.add_parser("cache-teacher", help="run the teacher once over prepared token shards and store its top-k logits",
+                       description="Stores, per position of the training blocks, the teacher's top-k logits, their "
+                                   "token ids and the log-sum-exp at each temperature, for lmdistill distill "
+                                   "--teacher-cache. A killed run continues where it stopped when rerun. See "
+                                   "docs/teacher_cache.md.")
+    p.add_argument("--teacher", required=True, help="teacher MODEL (the distill run's model.teacher)")
+    p.add_argument("--data", nargs="+", required=True,
+                   help="a prepared folder (lmdistill prepare --out), or text sources prepared as distill would")
+    p.add_argument("--top-k", type=int, required=True, help="logits kept per position (the vocabulary size keeps all)")
+    p.add_argument("--temperatures", type=_parse_temperatures, default=[2.0],
+                   help="comma-separated temperatures distill may use (loss.temperature), e.g. 1,2 (default 2)")
+    p.add_argument("--block-size", type=int, required=True, help="the distill run's data.block_size")
+    p.add_argument("--out", required=True, help="cache folder (model.teacher_cache / distill --teacher-cache)")
+    p.add_argument("--split", default="train", choices=["train", "validation", "test"],
+                   help="split to cache (distill reads train)")
+    p.add_argument("--batch-size", type=int, default=8, help="blocks per teacher forward (and per resumable chunk)")
+    p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"], help="storage of the top-k logits")
+    p.add_argument("--rank", type=int, default=0, help="this process's part (0..world-size-1)")
+    p.add_argument("--world-size", type=int, default=1, help="processes sharing the work, each writing its own part")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.set_defaults(func=cmd_cache_teacher)
+
     p = sub.add_parser("distill", help="train a student from a recipe, or resume a run")
     p.add_argument("--config", help="recipe YAML (or bundled name: distilgpt2, smollm2-demo)")
     p.add_argument("--out", help="run directory to create")
+    p.add_argument("--teacher-cache", metavar="DIR",
+                   help="train against stored teacher targets (lmdistill cache-teacher); same as model.teacher_cache=DIR")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     p.add_argument("overrides", nargs="*", help="section.field=value, e.g. train.max_steps=200")
     p.set_defaults(func=cmd_distill)

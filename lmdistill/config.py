@@ -44,6 +44,8 @@ class ModelConfig:
     """What the search keeps low when it removes a layer: kl (to the teacher) or ce (on the calibration tokens)."""
     random_init: bool = False
     """Random student weights with the cut architecture, instead of copied teacher weights."""
+    teacher_cache: str | None = None
+    """Folder of stored teacher soft targets (lmdistill cache-teacher): the KL term reads them instead of running the teacher, whose weights then load only to cut a new student. Needs loss.divergence=forward_kl, loss.kl > 0, loss.cos/mse/align_cos/align_mse = 0, and the cache's block size, data, tokenizer and a temperature it holds."""
 
     def __post_init__(self) -> None:
         strategies = ("auto", "every-other", "uniform", "first", "importance", "search")
@@ -209,6 +211,9 @@ class RunConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(max_steps=100))
 
+    def __post_init__(self) -> None:
+        check_teacher_cache_settings(self)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -225,6 +230,22 @@ class RunConfig:
             section_cls = get_type_hints(cls)[f.name]
             sections[f.name] = _build(section_cls, data.get(f.name) or {}, f.name)
         return cls(**sections)
+
+
+def check_teacher_cache_settings(config: RunConfig) -> None:
+    """Loss settings a teacher cache cannot serve (it holds top-k logits, no hidden states)."""
+    if config.model.teacher_cache is None:
+        return
+    loss = config.loss
+    hidden = [f"loss.{name}" for name in ("cos", "mse", "align_cos", "align_mse") if getattr(loss, name) > 0]
+    _check(not hidden, "model.teacher_cache",
+           f"a teacher cache stores logits, not hidden states, so {', '.join(hidden)} cannot be computed from it; "
+           f"set {', '.join(f'{name}=0' for name in hidden)}, or train with the live teacher (model.teacher_cache=null)")
+    _check(loss.divergence == "forward_kl", "model.teacher_cache",
+           f"the stored top-k logits give the forward KL only (with a tail bucket), not loss.divergence="
+           f"{loss.divergence}; set loss.divergence=forward_kl, or train with the live teacher")
+    _check(loss.kl > 0, "model.teacher_cache",
+           "loss.kl is 0, so the cache would never be read; set loss.kl > 0 or model.teacher_cache=null")
 
 
 def _build(section_cls: type, values: dict[str, Any], prefix: str) -> Any:

@@ -34,13 +34,15 @@ from .checkpoint import (
     truncate_metrics,
 )
 from .atomic import write_text_atomic
-from .config import ConfigError, RunConfig, load_config
+from .config import ConfigError, RunConfig, check_teacher_cache_settings, load_config
 from .data.prepare import PreparedData, prepare
 from .data.sampler import BlockSampler
 from .evaluate.perplexity import PerplexityProtocol, perplexity
 from .layer_search import choose_layers
 from .chunked_loss import chunked_logit_losses
 from .losses import LossOutput, LossWeights, distillation_loss
+from .sparse_kl import sparse_kl_divergence
+from .teacher_cache import TeacherCache, TeacherTargets, data_fingerprint
 from .schedule import Budget, lr_factor
 from .models import (
     architecture_of,
@@ -51,7 +53,9 @@ from .models import (
     decoder_layers,
     load_model,
     load_tokenizer,
+    config_fingerprint,
     model_config,
+    model_fingerprint,
     resolve_device,
     tokenizer_fingerprint,
 )
@@ -93,6 +97,8 @@ class Setup:
     """The logit term's divergence (None: forward KL)."""
     chunk_tokens: int = 0
     """> 0: KL and CE come from the fused, chunked lm_head loss (lmdistill.chunked_loss)."""
+    teacher_cache: TeacherCache | None = None
+    """Stored teacher targets (model.teacher_cache): the KL term is the sparse KL against them."""
 
 
 def loss_weights(config: RunConfig) -> LossWeights:
@@ -131,9 +137,25 @@ def aligned_layers(config: RunConfig, layer_map: list[int] | None, num_student: 
     return [(i, layer_map[i]) for i in chosen]
 
 
+def open_teacher_cache(config: RunConfig, teacher_cfg=None, tokenizer: PreTrainedTokenizerBase | None = None) -> TeacherCache:
+    """The run's teacher cache, checked against the teacher's config and tokenizer, the block
+    size and the temperature (all cheap: headers, configs, tokenizer files)."""
+    assert config.model.teacher_cache is not None
+    check_teacher_cache_settings(config)
+    cache = TeacherCache(config.model.teacher_cache, split="train")
+    teacher_cfg = teacher_cfg if teacher_cfg is not None else model_config(config.model.teacher)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.model.teacher)
+    cache.check(tokenizer_fingerprint=tokenizer_fingerprint(tokenizer),
+                teacher_config_fingerprint=config_fingerprint(teacher_cfg), block_size=config.data.block_size,
+                temperature=config.loss.temperature, teacher=config.model.teacher)
+    return cache
+
+
 def check_config_against_models(config: RunConfig) -> None:
     """Cheap checks from the model configs and tokenizers, before any weights or data load."""
     teacher_cfg = model_config(config.model.teacher)
+    if config.model.teacher_cache is not None:
+        open_teacher_cache(config, teacher_cfg)
     contexts = {"teacher": config_context_length(teacher_cfg)}
     if config.model.student is not None:
         student_cfg = model_config(config.model.student)
@@ -178,7 +200,12 @@ def check_config_against_models(config: RunConfig) -> None:
 def prepared_dir(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Path:
     if config.data.prepared_dir:
         return Path(config.data.prepared_dir)
-    key = hashlib.sha256(json.dumps([config.data.sources, tokenizer_fingerprint(tokenizer)]).encode()).hexdigest()[:16]
+    return default_prepared_dir(config.data.sources, tokenizer)
+
+
+def default_prepared_dir(sources: list[str], tokenizer: PreTrainedTokenizerBase) -> Path:
+    """The cache folder that ``data.sources`` are prepared into when ``data.prepared_dir`` is unset."""
+    key = hashlib.sha256(json.dumps([sources, tokenizer_fingerprint(tokenizer)]).encode()).hexdigest()[:16]
     return cache_dir() / "data" / key
 
 
@@ -218,24 +245,41 @@ def build_setup(config: RunConfig, student_init: Path | None = None) -> Setup:
                 f"the {split} split of {config.data.sources} has {data.splits.get(split, 0)} tokens, fewer than one "
                 f"block of data.block_size={config.data.block_size}; add data or lower data.block_size"
             )
-    teacher = load_model(config.model.teacher)
+    cache = None
+    if config.model.teacher_cache is not None:
+        # Everything about the cache is checked here, before any weights load.
+        cache = open_teacher_cache(config, tokenizer=tokenizer)
+        train_tokens = data.tokens("train")
+        cache.check(data_fingerprint=data_fingerprint(data, "train"), num_tokens=len(train_tokens),
+                    teacher=config.model.teacher)
+        print(f"[lmdistill] teacher cache {cache.describe()}")
+    teacher = None
+    if cache is not None and (student_init is not None or config.model.student is not None):
+        pass  # the student loads on its own: the teacher's weights are never needed
+    else:
+        teacher = load_model(config.model.teacher)
+        if cache is not None:  # loaded anyway to cut the student: check that the cache is from these weights
+            cache.check(teacher_fingerprint=model_fingerprint(teacher), teacher=config.model.teacher)
     if student_init is not None:
         student = load_model(student_init)
     else:
         torch.manual_seed(config.train.seed)
         student = make_student(config, teacher, data.tokens("train"))
-    check_shared_vocabulary(teacher, student)
+    if teacher is not None:
+        check_shared_vocabulary(teacher, student)
+    if cache is not None:
+        cache.check(vocab_size=student.get_output_embeddings().weight.shape[0])
     aligned = None
     if weights.needs_layers:
         aligned = aligned_layers(config, student_layer_map(student), len(decoder_layers(student)))
-    if not needs_teacher(weights):
-        teacher = None  # causal-LM-only training: free the teacher's memory
+    if not needs_teacher(weights) or cache is not None:
+        teacher = None  # causal-LM-only training or stored targets: free the teacher's memory
     else:
         teacher.to(device).eval().requires_grad_(False)
     student.to(device)
     chunk_tokens = fused_chunk_tokens(config, teacher, student)
     return Setup(config, teacher, student, tokenizer, data, device, weights, aligned, config.loss.divergence_spec(),
-                 chunk_tokens)
+                 chunk_tokens, cache)
 
 
 # Config fields of models whose logits are not just lm_head(last hidden state).
@@ -246,6 +290,9 @@ def fused_chunk_tokens(config: RunConfig, teacher: PreTrainedModel | None, stude
     """``loss.chunk_tokens`` when the fused path computes this run's logit terms exactly, else 0."""
     c = config.loss
     if c.chunk_tokens == 0 or (c.kl == 0 and c.ce == 0):
+        return 0
+    if config.model.teacher_cache is not None:
+        print("[lmdistill] teacher cache: the sparse KL needs the student's full logits (loss.chunk_tokens ignored)")
         return 0
     reason = None
     if c.divergence != "forward_kl" and c.kl > 0:
@@ -308,8 +355,12 @@ def forward_model(model: PreTrainedModel, input_ids: torch.Tensor, want_hidden: 
     return None, (out.hidden_states if want_hidden else (out.last_hidden_state,))
 
 
-def step_loss(setup: Setup, input_ids: torch.Tensor, labels: torch.Tensor) -> LossOutput:
-    """The weighted loss of one micro-batch (summed over tokens), through the fused path when set."""
+def step_loss(setup: Setup, input_ids: torch.Tensor, labels: torch.Tensor,
+              cached: TeacherTargets | None = None) -> LossOutput:
+    """The weighted loss of one micro-batch (summed over tokens), through the fused path when set;
+    with ``cached`` teacher targets the ``kl`` term is the sparse KL against them."""
+    if cached is not None:
+        return cached_step_loss(setup, input_ids, labels, cached)
     student, weights = setup.student, setup.weights
     fused = setup.chunk_tokens > 0
     want_hidden = weights.needs_hidden or weights.needs_layers
@@ -341,16 +392,41 @@ def step_loss(setup: Setup, input_ids: torch.Tensor, labels: torch.Tensor) -> Lo
     return LossOutput(total=out.total if total is None else total + out.total, terms={**terms, **out.terms})
 
 
-def train_step(setup: Setup, optimizer: torch.optim.Optimizer, micro_batches: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
-    """One optimiser step over ``micro_batches``; returns per-token loss terms and the grad norm."""
+def cached_step_loss(setup: Setup, input_ids: torch.Tensor, labels: torch.Tensor, cached: TeacherTargets) -> LossOutput:
+    """The weighted loss of one micro-batch against stored teacher targets: the sparse KL
+    (logged as ``kl``) plus the terms that need no teacher (CE)."""
+    weights = setup.weights
+    student_logits = setup.student(input_ids=input_ids).logits
+    kl = sparse_kl_divergence(student_logits, cached.values, cached.indices, cached.lse,
+                              temperature=weights.temperature, reduction="sum")
+    total, terms = weights.kl * kl, {"kl": kl}
+    rest = dataclasses.replace(weights, kl=0.0) if any(t != "kl" for t in weights.active_terms()) else None
+    if rest is not None:  # teacher-free terms only: the config refuses hidden-state terms with a cache
+        out = distillation_loss(student_logits, None, labels, rest, reduction="sum")
+        total, terms = total + out.total, {**terms, **out.terms}
+    return LossOutput(total=total, terms=terms)
+
+
+def next_micro_batch(setup: Setup, sampler: BlockSampler, tokens: np.ndarray) -> tuple:
+    """``(input_ids, labels)``, plus the blocks' stored teacher targets when the run has a cache."""
+    if setup.teacher_cache is None:
+        return sampler.next_batch(tokens)
+    input_ids, labels, blocks = sampler.next_indexed_batch(tokens)
+    return input_ids, labels, setup.teacher_cache.targets(blocks, setup.weights.temperature)
+
+
+def train_step(setup: Setup, optimizer: torch.optim.Optimizer, micro_batches: list[tuple]) -> dict[str, float]:
+    """One optimiser step over ``micro_batches`` (``(input_ids, labels)`` or ``(input_ids, labels,
+    TeacherTargets)``); returns per-token loss terms and the grad norm."""
     student = setup.student
-    step_tokens = sum(labels.numel() for _, labels in micro_batches)
+    step_tokens = sum(batch[1].numel() for batch in micro_batches)
     sums: dict[str, float] = {}
     student.train()
     optimizer.zero_grad(set_to_none=True)
-    for input_ids, labels in micro_batches:
+    for input_ids, labels, *extra in micro_batches:
         input_ids, labels = input_ids.to(setup.device), labels.to(setup.device)
-        loss = step_loss(setup, input_ids, labels)
+        cached = extra[0].to(setup.device) if extra and extra[0] is not None else None
+        loss = step_loss(setup, input_ids, labels, cached)
         (loss.total / step_tokens).backward()
         sums["loss"] = sums.get("loss", 0.0) + loss.total.item()
         for name, value in loss.terms.items():
@@ -495,7 +571,7 @@ def run_training(config: RunConfig | None, out_dir: Path, resume: bool = False, 
                                              config.train.schedule, config.train.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            batches = [sampler.next_batch(train_tokens) for _ in range(config.train.grad_accum)]
+            batches = [next_micro_batch(setup, sampler, train_tokens) for _ in range(config.train.grad_accum)]
             metrics = train_step(setup, optimizer, batches)
             seconds = time.perf_counter() - started
             done.step += 1
