@@ -43,6 +43,7 @@ from lmdistill.data.corpora import CORPORA
 from lmdistill.evaluate.runner import evaluate_loaded
 from lmdistill.evaluate.tasks import PerplexityTask
 from lmdistill.models import load_model, load_tokenizer
+from lmdistill.schedule import Budget
 from lmdistill.train import run_training
 
 RECIPE = "smollm2-demo"
@@ -90,7 +91,8 @@ def run_variant(name: str, spec: dict[str, Any], out: Path, tokens: int, points:
     config = load_config(RECIPE, overrides)
     run = RunDir(out / name)
     tokens_per_step = config.data.block_size * config.train.batch_size * config.train.grad_accum
-    total_steps = math.ceil(tokens / tokens_per_step)
+    # The steps the run will take: a token budget rounds down to whole steps, as in training.
+    total_steps = Budget.from_config(None, tokens, None, tokens_per_step).total_steps
     curve: list[dict[str, Any]] = []
     if run.root.exists():  # a variant killed half-way: its earlier curve points are gone, so start again
         shutil.rmtree(run.root)
