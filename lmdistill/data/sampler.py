@@ -9,6 +9,13 @@ so that all ranks see the same number of blocks (DDP ranks must step together).
 
 The sampler's position is two integers (epoch, index into this rank's blocks), identical on
 every rank, so rank 0's ``state_dict`` resumes every rank.
+
+Data parallelism sees the same blocks as one process: in each micro-batch rank ``r`` takes
+``batch_size`` consecutive positions of its stride, so the ``world_size`` ranks together take
+the ``world_size * batch_size`` consecutive positions ``p, p+1, ...`` of the permutation that
+one process with a batch of ``world_size * batch_size`` would take (the rows in another order).
+The epochs differ only when ``world_size`` does not divide the number of blocks: then the last
+``num_blocks % world_size`` positions of each epoch's permutation are skipped.
 """
 
 from __future__ import annotations
@@ -112,17 +119,35 @@ class BlockSampler:
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume at a saved position; the data, block size, seed and world size must match.
+        """Resume at a saved position; the data, block size and seed must match.
 
         batch_size and rank may differ: the position counts blocks, the same on every rank.
+        A different world size resumes at the same place in the epoch's permutation when the
+        blocks consumed so far (``position x saved world size``) split evenly among the new
+        ranks; otherwise the message says which world sizes can resume.
         """
-        for key in ("num_tokens", "block_size", "seed", "world_size"):
+        for key in ("num_tokens", "block_size", "seed"):
             if state.get(key) != getattr(self, key):
                 raise DataError(
                     f"sampler state is for {key}={state.get(key)}, this sampler has "
                     f"{key}={getattr(self, key)}; resume with the same data and settings"
                 )
-        if not 0 <= state["position"] < self.blocks_per_epoch or state["epoch"] < 0:
-            raise DataError(f"sampler state position {state['position']} / epoch {state['epoch']} is out of range")
-        self._epoch = int(state["epoch"])
-        self._pos = int(state["position"])
+        saved_world = int(state.get("world_size", 1))
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if epoch < 0 or not 0 <= position < self.num_blocks // saved_world:
+            raise DataError(f"sampler state position {position} / epoch {epoch} is out of range")
+        if saved_world != self.world_size:
+            consumed = position * saved_world  # blocks of this epoch's permutation already taken
+            if consumed % self.world_size:
+                fits = sorted(w for w in range(1, consumed + 1) if consumed % w == 0 and w <= self.num_blocks)
+                raise DataError(
+                    f"the run stopped after block {consumed:,} of epoch {epoch} with {saved_world} process(es); "
+                    f"{self.world_size} processes cannot split the rest of the epoch where it stopped. Resume with "
+                    f"{saved_world} processes (torchrun --nproc-per-node {saved_world}), or a number that divides "
+                    f"{consumed:,} ({', '.join(map(str, fits[:8]))}{', ...' if len(fits) > 8 else ''})"
+                )
+            position = consumed // self.world_size
+            if position >= self.blocks_per_epoch:  # only the dropped remainder of the epoch was left
+                epoch, position = epoch + 1, 0
+        self._epoch = epoch
+        self._pos = position
