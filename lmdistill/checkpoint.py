@@ -90,13 +90,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run: RunDir, step: int, student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None,
-                    trainer_state: dict[str, Any]) -> Path:
-    """Write ``checkpoints/step_N`` atomically, point ``latest`` at it, drop old ones."""
+                    trainer_state: dict[str, Any], student_state: dict[str, Any] | None = None) -> Path:
+    """Write ``checkpoints/step_N`` atomically, point ``latest`` at it, drop old ones.
+
+    ``student_state``: the student's full weights when ``student`` itself holds only a shard."""
     name = f"step_{step:06d}"
 
     def build(tmp: Path) -> None:
-        save_model(student, tokenizer, tmp / "student")
-        torch.save({**trainer_state, "rng": rng_state()}, tmp / "trainer_state.pt")
+        save_model(student, tokenizer, tmp / "student", state_dict=student_state)
+        torch.save({"rng": rng_state(), **trainer_state}, tmp / "trainer_state.pt")
 
     final = build_dir_atomic(run.checkpoints / name, build)
     write_text_atomic(run.checkpoints / "latest", name + "\n")

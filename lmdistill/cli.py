@@ -311,7 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.set_defaults(func=cmd_cache_teacher)
 
-    p = sub.add_parser("distill", help="train a student from a recipe, or resume a run")
+    p = sub.add_parser("distill", help="train a student from a recipe, or resume a run",
+                       description="Train a student from a recipe, or resume a run. On several GPUs or nodes, launch it "
+                                   "with torchrun: torchrun --nproc-per-node N -m lmdistill distill ... (DDP by default, "
+                                   "train.distributed=fsdp shards the student; see docs/distributed.md).")
     p.add_argument("--config", help="recipe YAML (or bundled name: distilgpt2, smollm2-demo)")
     p.add_argument("--out", help="run directory to create")
     p.add_argument("--teacher-cache", metavar="DIR",
@@ -394,7 +397,9 @@ def main(argv: list[str] | None = None) -> int:
         # LMDISTILL_DEBUG=1 shows the traceback instead.
         if os.environ.get("LMDISTILL_DEBUG"):
             raise
-        print(f"lmdistill {args.command}: error: {err}", file=sys.stderr)
+        rank = os.environ.get("RANK", "0") if "MASTER_ADDR" in os.environ else "0"  # torchrun: say which process
+        where = f" (rank {rank})" if rank != "0" else ""
+        print(f"lmdistill {args.command}{where}: error: {err}", file=sys.stderr)
         return 2
 
 

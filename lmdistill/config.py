@@ -132,6 +132,11 @@ class LossConfig:
         return DivergenceSpec(self.divergence, beta=self.jsd_beta, alpha=self.skew_alpha)
 
 
+DISTRIBUTED = ("ddp", "fsdp")
+TEACHER_SHARDING = ("replicate", "fsdp")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
 @dataclass
 class TrainConfig:
     batch_size: int = 4
@@ -170,6 +175,18 @@ class TrainConfig:
     """cpu, cuda, cuda:N or auto."""
     threads: int | None = None
     """CPU threads for torch (default: torch's choice)."""
+    distributed: str = "ddp"
+    """Under torchrun: ddp (the student replicated on every process, gradients averaged) or fsdp (FSDP2 fully_shard: parameters, gradients and optimizer state sharded per decoder layer, for students too big to replicate). No effect in a single process (docs/distributed.md)."""
+    teacher_sharding: str = "replicate"
+    """Under torchrun: replicate (a full inference-only teacher on every process) or fsdp (its decoder layers sharded with FSDP2 and gathered one at a time for the forward pass; embeddings, final norm and lm_head stay replicated)."""
+    precision: str = "auto"
+    """auto (bf16 autocast on CUDA devices that support it, else float32), fp32, bf16 or fp16 (autocast with a gradient scaler). Master weights and optimizer state stay float32; bf16 and fp16 are refused on the CPU, which trains in float32."""
+    tf32: bool = True
+    """Allow TF32 for float32 matmuls and convolutions on CUDA (no effect on the CPU)."""
+    compile: bool = False
+    """torch.compile each decoder layer of the student and the teacher (in place; compile time is spent in the first steps)."""
+    activation_checkpointing: bool = False
+    """Recompute each student decoder layer's activations in the backward pass instead of storing them (less memory, about a third more compute)."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "train.batch_size", "must be at least 1")
@@ -202,6 +219,11 @@ class TrainConfig:
             self.device in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", self.device) is not None,
             "train.device", f"{self.device!r} is not one of auto, cpu, cuda, cuda:N, mps",
         )
+        _check(self.distributed in DISTRIBUTED, "train.distributed",
+               f"{self.distributed!r} is not one of {', '.join(DISTRIBUTED)}")
+        _check(self.teacher_sharding in TEACHER_SHARDING, "train.teacher_sharding",
+               f"{self.teacher_sharding!r} is not one of {', '.join(TEACHER_SHARDING)}")
+        _check(self.precision in PRECISIONS, "train.precision", f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
 
 
 @dataclass

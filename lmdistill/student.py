@@ -199,11 +199,14 @@ def check_shared_vocabulary(teacher: PreTrainedModel, student: PreTrainedModel,
             )
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: Path) -> Path:
-    """Write a normal Hugging Face folder (config.json, model.safetensors, tokenizer files) atomically."""
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: Path,
+               state_dict: dict | None = None) -> Path:
+    """Write a normal Hugging Face folder (config.json, model.safetensors, tokenizer files) atomically.
+
+    ``state_dict`` replaces the model's own weights (the full weights of a sharded model)."""
 
     def build(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
 

@@ -4,19 +4,28 @@ The loop only combines weighted loss terms from :mod:`lmdistill.losses`; the mat
 there. Gradient accumulation is normalised by the token count of the whole optimiser step
 (each micro-batch's summed loss is divided by the step's token total), so 4 micro-batches
 of 1 sequence give the same update as 1 batch of 4.
+
+Under torchrun (:mod:`lmdistill.dist`) every rank runs this loop on its own blocks: each
+micro-batch's summed loss is divided by the rank's step tokens and DDP (or FSDP2) averages
+the gradients over the ranks, which equals dividing by the global token count because every
+rank has the same number of tokens. Logged values are sums over all ranks divided by the
+global token count; only rank 0 writes to the run directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import signal
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable
 
 import numpy as np
@@ -29,10 +38,12 @@ from .checkpoint import (
     RunDir,
     append_metrics,
     load_trainer_state,
+    rng_state,
     save_checkpoint,
     set_rng_state,
     truncate_metrics,
 )
+from . import dist
 from .atomic import write_text_atomic
 from .config import ConfigError, RunConfig, check_teacher_cache_settings, load_config
 from .data.prepare import PreparedData, prepare
@@ -99,6 +110,26 @@ class Setup:
     """> 0: KL and CE come from the fused, chunked lm_head loss (lmdistill.chunked_loss)."""
     teacher_cache: TeacherCache | None = None
     """Stored teacher targets (model.teacher_cache): the KL term is the sparse KL against them."""
+    objective: nn.Module | None = None
+    """The student and its loss as one module (:class:`StudentObjective`), wrapped in DDP or
+    sharded with FSDP2 under torchrun; built from the fields above when None."""
+    ranks: dist.DistInfo = dist.SINGLE
+    """This process's rank and world size (torchrun)."""
+    autocast: torch.dtype | None = None
+    """bf16 or fp16 autocast for the forward passes (None: float32)."""
+    scaler: Any = None
+    """A ``torch.amp.GradScaler`` under fp16 autocast."""
+
+    def __post_init__(self) -> None:
+        if self.objective is None:
+            self.objective = StudentObjective(self.student, self.weights, self.aligned, self.divergence,
+                                              self.chunk_tokens)
+
+    def autocast_context(self):
+        """The forward passes' autocast (a no-op in float32)."""
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast)
 
 
 def loss_weights(config: RunConfig) -> LossWeights:
@@ -230,15 +261,52 @@ def make_student(config: RunConfig, teacher: PreTrainedModel, train_tokens: np.n
     return student
 
 
-def build_setup(config: RunConfig, student_init: Path | None = None) -> Setup:
-    """Load tokenizer, data, teacher and student; ``student_init`` overrides with a saved student."""
-    check_config_against_models(config)
-    device = resolve_device(config.train.device)
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.precision`` on ``device`` (None: float32).
+
+    auto is bf16 on a CUDA device that supports it and float32 anywhere else; bf16 and fp16
+    are refused off CUDA (the CPU trains in float32) with a message that names the fix.
+    """
+    if precision == "fp32":
+        return None
+    if device.type != "cuda":
+        if precision == "auto":
+            return None
+        raise ConfigError(
+            f"config value train.precision: {precision} autocast is for CUDA devices; on {device.type} training runs "
+            f"in float32. Set train.precision=auto (or fp32), or train on a GPU (train.device=cuda)"
+        )
+    bf16_ok = torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        return torch.bfloat16 if bf16_ok else None
+    if precision == "bf16" and not bf16_ok:
+        raise ConfigError(f"config value train.precision: {torch.cuda.get_device_name(device)} has no bf16 support; "
+                          "set train.precision=fp16 (with a gradient scaler) or fp32")
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def build_setup(config: RunConfig, student_init: Path | None = None, ranks: dist.DistInfo = dist.SINGLE) -> Setup:
+    """Load tokenizer, data, teacher and student; ``student_init`` overrides with a saved student.
+
+    Under torchrun (``ranks.enabled``) local rank 0 of each node fills the caches first (token
+    shards, converted models), the student is wrapped in DDP or sharded with FSDP2 and the
+    teacher placed on this rank's device, replicated or with its layers sharded
+    (``train.distributed``, ``train.teacher_sharding``).
+    """
+    first = lambda fn: dist.main_first(ranks, fn)  # noqa: E731
+    first(lambda: check_config_against_models(config))
+    train = config.train
+    device = dist.rank_device(ranks, resolve_device(train.device))
+    autocast = resolve_precision(train.precision, device)  # before any weights load
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = train.tf32
+        torch.backends.cudnn.allow_tf32 = train.tf32
+    if train.threads:
+        torch.set_num_threads(train.threads)
     weights = loss_weights(config)
-    tokenizer = load_tokenizer(config.model.teacher)
-    data = prepare(tokenizer, config.data.sources, prepared_dir(config, tokenizer), tokenizer_name=config.model.teacher)
+    tokenizer = first(lambda: load_tokenizer(config.model.teacher))
+    data = first(lambda: prepare(tokenizer, config.data.sources, prepared_dir(config, tokenizer),
+                                 tokenizer_name=config.model.teacher))
     for split in ("train", "validation"):
         if data.splits.get(split, 0) < config.data.block_size + 1:
             raise ConfigError(
@@ -257,14 +325,17 @@ def build_setup(config: RunConfig, student_init: Path | None = None) -> Setup:
     if cache is not None and (student_init is not None or config.model.student is not None):
         pass  # the student loads on its own: the teacher's weights are never needed
     else:
-        teacher = load_model(config.model.teacher)
+        teacher = first(lambda: load_model(config.model.teacher))
         if cache is not None:  # loaded anyway to cut the student: check that the cache is from these weights
             cache.check(teacher_fingerprint=model_fingerprint(teacher), teacher=config.model.teacher)
     if student_init is not None:
         student = load_model(student_init)
     else:
-        torch.manual_seed(config.train.seed)
-        student = make_student(config, teacher, data.tokens("train"))
+        torch.manual_seed(train.seed)
+        if config.model.student is not None:
+            student = first(lambda: make_student(config, teacher, data.tokens("train")))
+        else:
+            student = make_student(config, teacher, data.tokens("train"))
     if teacher is not None:
         check_shared_vocabulary(teacher, student)
     if cache is not None:
@@ -275,11 +346,66 @@ def build_setup(config: RunConfig, student_init: Path | None = None) -> Setup:
     if not needs_teacher(weights) or cache is not None:
         teacher = None  # causal-LM-only training or stored targets: free the teacher's memory
     else:
-        teacher.to(device).eval().requires_grad_(False)
-    student.to(device)
+        place_teacher(teacher, config, ranks, device, autocast)
     chunk_tokens = fused_chunk_tokens(config, teacher, student)
+    prepare_student(student, config, ranks)
+    objective = StudentObjective(student, weights, aligned, config.loss.divergence_spec(), chunk_tokens,
+                                 matmul_dtype=torch.bfloat16 if autocast == torch.bfloat16 else None)
+    objective = dist.wrap_student(objective, ranks, train.distributed, device, decoder_layers(student))
+    if train.compile:
+        compile_layers(decoder_layers(student))
+    scaler = torch.amp.GradScaler(device.type) if autocast == torch.float16 else None
     return Setup(config, teacher, student, tokenizer, data, device, weights, aligned, config.loss.divergence_spec(),
-                 chunk_tokens, cache)
+                 chunk_tokens, cache, objective=objective, ranks=ranks, autocast=autocast, scaler=scaler)
+
+
+def place_teacher(teacher: PreTrainedModel, config: RunConfig, ranks: dist.DistInfo, device: torch.device,
+                  autocast: torch.dtype | None) -> None:
+    """Inference only: eval mode, no gradients, weights in bf16 under bf16 autocast (never
+    trained, so no float32 master copy is needed), layers compiled with ``train.compile``,
+    then on this rank's device, replicated or with its decoder layers sharded."""
+    teacher.eval().requires_grad_(False)
+    if autocast == torch.bfloat16:
+        teacher.to(dtype=torch.bfloat16)
+    if config.train.teacher_sharding == "fsdp" and ranks.enabled:
+        dist.shard_teacher(teacher, decoder_layers(teacher), ranks, device)
+    else:
+        teacher.to(device)
+    if config.train.compile:
+        compile_layers(decoder_layers(teacher))
+
+
+def prepare_student(student: PreTrainedModel, config: RunConfig, ranks: dist.DistInfo) -> None:
+    """What must be settled before DDP or FSDP2 wraps the student: frozen parameters (DDP
+    buckets the ones that need gradients when it is built) and activation checkpointing;
+    and, under torchrun, that every rank built the same student."""
+    train = config.train
+    trainable_parameters(student, train.freeze_pos_embeddings)  # freezes position embeddings
+    if train.activation_checkpointing:
+        if not getattr(student, "supports_gradient_checkpointing", False):
+            raise ConfigError(f"config value train.activation_checkpointing: {type(student).__name__} does not support "
+                              "activation checkpointing; set train.activation_checkpointing=false")
+        # Non-reentrant checkpointing: works under DDP and FSDP2, and restores the RNG so
+        # that dropout masks (and so the results) are those of a run without it.
+        kwargs = {"use_reentrant": False}
+        if hasattr(student, "activation_checkpointing_enable"):  # transformers >= 5.x
+            student.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            student.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if ranks.enabled and ranks.world_size > 1:
+        with torch.no_grad():
+            total = sum(p.double().sum().item() for p in student.parameters())
+        dist.check_same(ranks, (student_layer_map(student), round(total, 6)),
+                        "the student built on each rank (layer map, weight sum); set model.layers explicitly")
+
+
+def compile_layers(layers: nn.ModuleList) -> None:
+    """``torch.compile`` each layer's forward in place, after DDP or FSDP2 wrapped it: parameter
+    names (and so checkpoints and saved folders) are unchanged, FSDP2's hooks stay outside the
+    compiled code, and the compiled forward is the outermost one, so transformers' activation
+    checkpointing (which wraps the class's forward, FSDP2's subclass included) still applies."""
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward)
 
 
 # Config fields of models whose logits are not just lm_head(last hidden state).
@@ -355,56 +481,110 @@ def forward_model(model: PreTrainedModel, input_ids: torch.Tensor, want_hidden: 
     return None, (out.hidden_states if want_hidden else (out.last_hidden_state,))
 
 
+class StudentObjective(nn.Module):
+    """The student and its loss as one module: the unit that DDP wraps and FSDP2 shards.
+
+    ``forward(input_ids, labels, teacher_logits=..., teacher_states=..., teacher_head=...)``
+    runs the student on a micro-batch and returns ``(total, terms)``, the weighted loss and
+    each term summed over tokens (a tuple, so that FSDP2 finds the output tensor and hooks its
+    backward); ``cached=TeacherTargets`` scores against stored teacher targets instead;
+    ``forward(input_ids, logits_only=True)`` returns the student's logits (validation).
+
+    One forward call per micro-batch that covers the whole student, the loss included, is
+    what makes the fused lm_head loss (``chunk_tokens > 0``, which runs only the body and reads
+    the lm_head weight itself) correct under data parallelism: DDP's gradient hooks see every
+    parameter the loss used and FSDP2's root unit has the embeddings and lm_head unsharded
+    while the loss reads them. The teacher is not part of it: its outputs come in as inputs.
+    """
+
+    def __init__(self, student: PreTrainedModel, weights: LossWeights, aligned: list[tuple[int, int]] | None = None,
+                 divergence: Callable[..., torch.Tensor] | None = None, chunk_tokens: int = 0,
+                 matmul_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.student = student
+        self.weights = weights
+        self.aligned = aligned or []
+        self.divergence = divergence
+        self.chunk_tokens = chunk_tokens
+        self.matmul_dtype = matmul_dtype
+        """Dtype of the fused loss's vocab-sized matmuls (bf16 under bf16 autocast, like the lm_head's)."""
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, teacher_logits=None,
+                teacher_states=None, teacher_head=None, cached: TeacherTargets | None = None, logits_only: bool = False):
+        if logits_only:
+            return self.student(input_ids=input_ids).logits
+        if cached is not None:
+            return self._cached_loss(input_ids, labels, cached)
+        weights = self.weights
+        fused = self.chunk_tokens > 0
+        want_hidden = weights.needs_hidden or weights.needs_layers
+        pairs = self.aligned  # hidden_states[0] is the embeddings: layer i's output is [i + 1]
+        student_logits, student_states = forward_model(self.student, input_ids, want_hidden, fused)
+        rest = weights
+        terms: dict[str, torch.Tensor] = {}
+        total = None
+        if fused:
+            head = self.student.get_output_embeddings()
+            t_weight, t_bias = teacher_head if teacher_head is not None else (None, None)
+            logit_terms = chunked_logit_losses(
+                student_states[-1], head.weight, teacher_states[-1] if weights.kl > 0 else None, t_weight, labels,
+                kl_weight=weights.kl, ce_weight=weights.ce, temperature=weights.temperature, reduction="sum",
+                student_head_bias=head.bias, teacher_head_bias=t_bias, chunk_tokens=self.chunk_tokens,
+                matmul_dtype=self.matmul_dtype)
+            total, terms = logit_terms.total, dict(logit_terms.terms)
+            if not (weights.needs_hidden or weights.needs_layers):
+                return total, terms
+            rest = dataclasses.replace(weights, kl=0.0, ce=0.0)
+        out = distillation_loss(
+            student_logits, teacher_logits, labels, rest,
+            student_hidden=student_states[-1] if want_hidden else None,
+            teacher_hidden=teacher_states[-1] if want_hidden else None, reduction="sum",
+            student_layers=[student_states[i + 1] for i, _ in pairs] if pairs else None,
+            teacher_layers=[teacher_states[j + 1] for _, j in pairs] if pairs else None,
+            divergence=self.divergence,
+        )
+        return (out.total if total is None else total + out.total), {**terms, **out.terms}
+
+    def _cached_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, cached: TeacherTargets):
+        """The sparse KL against stored teacher targets (logged as ``kl``) plus the terms that
+        need no teacher (CE)."""
+        weights = self.weights
+        student_logits = self.student(input_ids=input_ids).logits
+        kl = sparse_kl_divergence(student_logits, cached.values, cached.indices, cached.lse,
+                                  temperature=weights.temperature, reduction="sum")
+        total, terms = weights.kl * kl, {"kl": kl}
+        rest = dataclasses.replace(weights, kl=0.0) if any(t != "kl" for t in weights.active_terms()) else None
+        if rest is not None:  # teacher-free terms only: the config refuses hidden-state terms with a cache
+            out = distillation_loss(student_logits, None, labels, rest, reduction="sum")
+            total, terms = total + out.total, {**terms, **out.terms}
+        return total, terms
+
+
 def step_loss(setup: Setup, input_ids: torch.Tensor, labels: torch.Tensor,
               cached: TeacherTargets | None = None) -> LossOutput:
     """The weighted loss of one micro-batch (summed over tokens), through the fused path when set;
-    with ``cached`` teacher targets the ``kl`` term is the sparse KL against them."""
+    with ``cached`` teacher targets the ``kl`` term is the sparse KL against them. The teacher
+    runs here (no gradients), the student and the loss in ``setup.objective``."""
     if cached is not None:
-        return cached_step_loss(setup, input_ids, labels, cached)
-    student, weights = setup.student, setup.weights
+        total, terms = setup.objective(input_ids, labels, cached=cached)
+        return LossOutput(total=total, terms=terms)
+    weights = setup.weights
     fused = setup.chunk_tokens > 0
     want_hidden = weights.needs_hidden or weights.needs_layers
-    pairs = setup.aligned or []  # hidden_states[0] is the embeddings: layer i's output is [i + 1]
     teacher_logits, teacher_states = forward_teacher(setup.teacher, input_ids, want_hidden, fused)
-    student_logits, student_states = forward_model(student, input_ids, want_hidden, fused)
-    rest = weights
-    terms: dict[str, torch.Tensor] = {}
-    total = None
-    if fused:
-        head, t_head = student.get_output_embeddings(), setup.teacher.get_output_embeddings() if weights.kl > 0 else None
-        logit_terms = chunked_logit_losses(
-            student_states[-1], head.weight, teacher_states[-1] if weights.kl > 0 else None,
-            t_head.weight if t_head is not None else None, labels, kl_weight=weights.kl, ce_weight=weights.ce,
-            temperature=weights.temperature, reduction="sum", student_head_bias=head.bias,
-            teacher_head_bias=t_head.bias if t_head is not None else None, chunk_tokens=setup.chunk_tokens)
-        total, terms = logit_terms.total, dict(logit_terms.terms)
-        if not (weights.needs_hidden or weights.needs_layers):
-            return LossOutput(total=total, terms=terms)
-        rest = dataclasses.replace(weights, kl=0.0, ce=0.0)
-    out = distillation_loss(
-        student_logits, teacher_logits, labels, rest,
-        student_hidden=student_states[-1] if want_hidden else None,
-        teacher_hidden=teacher_states[-1] if want_hidden else None, reduction="sum",
-        student_layers=[student_states[i + 1] for i, _ in pairs] if pairs else None,
-        teacher_layers=[teacher_states[j + 1] for _, j in pairs] if pairs else None,
-        divergence=setup.divergence,
-    )
-    return LossOutput(total=out.total if total is None else total + out.total, terms={**terms, **out.terms})
+    teacher_head = None
+    if fused and weights.kl > 0:
+        t_head = setup.teacher.get_output_embeddings()
+        teacher_head = (t_head.weight, t_head.bias)
+    total, terms = setup.objective(input_ids, labels, teacher_logits=teacher_logits, teacher_states=teacher_states,
+                                   teacher_head=teacher_head)
+    return LossOutput(total=total, terms=terms)
 
 
 def cached_step_loss(setup: Setup, input_ids: torch.Tensor, labels: torch.Tensor, cached: TeacherTargets) -> LossOutput:
     """The weighted loss of one micro-batch against stored teacher targets: the sparse KL
     (logged as ``kl``) plus the terms that need no teacher (CE)."""
-    weights = setup.weights
-    student_logits = setup.student(input_ids=input_ids).logits
-    kl = sparse_kl_divergence(student_logits, cached.values, cached.indices, cached.lse,
-                              temperature=weights.temperature, reduction="sum")
-    total, terms = weights.kl * kl, {"kl": kl}
-    rest = dataclasses.replace(weights, kl=0.0) if any(t != "kl" for t in weights.active_terms()) else None
-    if rest is not None:  # teacher-free terms only: the config refuses hidden-state terms with a cache
-        out = distillation_loss(student_logits, None, labels, rest, reduction="sum")
-        total, terms = total + out.total, {**terms, **out.terms}
-    return LossOutput(total=total, terms=terms)
+    return step_loss(setup, input_ids, labels, cached)
 
 
 def next_micro_batch(setup: Setup, sampler: BlockSampler, tokens: np.ndarray) -> tuple:
@@ -417,48 +597,98 @@ def next_micro_batch(setup: Setup, sampler: BlockSampler, tokens: np.ndarray) ->
 
 def train_step(setup: Setup, optimizer: torch.optim.Optimizer, micro_batches: list[tuple]) -> dict[str, float]:
     """One optimiser step over ``micro_batches`` (``(input_ids, labels)`` or ``(input_ids, labels,
-    TeacherTargets)``); returns per-token loss terms and the grad norm."""
-    student = setup.student
-    step_tokens = sum(batch[1].numel() for batch in micro_batches)
-    sums: dict[str, float] = {}
-    student.train()
+    TeacherTargets)``); returns per-token loss terms (over all ranks), the grad norm and the
+    step's token count (all ranks).
+
+    Under DDP the gradients are all-reduced once, in the backward pass of the last
+    micro-batch; each rank divides by its own step tokens and DDP averages over the ranks,
+    which is the global per-token mean since every rank has the same token count. Under fp16
+    a gradient scaler scales the loss and skips steps whose gradients overflow.
+    """
+    objective, scaler = setup.objective, setup.scaler
+    step_tokens = sum(batch[1].numel() for batch in micro_batches)  # this rank's
+    sums: dict[str, torch.Tensor] = {}
+    objective.train()
     optimizer.zero_grad(set_to_none=True)
-    for input_ids, labels, *extra in micro_batches:
+    for i, (input_ids, labels, *extra) in enumerate(micro_batches):
         input_ids, labels = input_ids.to(setup.device), labels.to(setup.device)
         cached = extra[0].to(setup.device) if extra and extra[0] is not None else None
-        loss = step_loss(setup, input_ids, labels, cached)
-        (loss.total / step_tokens).backward()
-        sums["loss"] = sums.get("loss", 0.0) + loss.total.item()
-        for name, value in loss.terms.items():
-            sums[name] = sums.get(name, 0.0) + value.item()
-    params = [p for p in student.parameters() if p.grad is not None]
+        with dist.grad_sync(objective, sync=i == len(micro_batches) - 1):
+            with setup.autocast_context():
+                loss = step_loss(setup, input_ids, labels, cached)
+            scaled = loss.total / step_tokens
+            (scaler.scale(scaled) if scaler is not None else scaled).backward()
+        # float64 sums on the device: one host sync per step instead of one per micro-batch and term
+        for name, value in (("loss", loss.total), *loss.terms.items()):
+            sums[name] = sums.get(name, 0.0) + value.detach().double()
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for p in setup.student.parameters() if p.grad is not None]
     max_norm = setup.config.train.max_grad_norm
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
-    if not torch.isfinite(grad_norm):
+    grad_norm = dist.local_value(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
+    grad_norm = grad_norm.item()
+    if scaler is not None:
+        scaler.step(optimizer)  # skipped (and the scale lowered) when the gradients overflowed
+        scaler.update()
+    elif not math.isfinite(grad_norm):
         raise FloatingPointError(
-            f"non-finite gradient norm ({grad_norm.item()}); lower train.lr or check the data. The last "
+            f"non-finite gradient norm ({grad_norm}); lower train.lr or check the data. The last "
             "checkpoint is intact: edit train.lr in RUN_DIR/config.yaml and run lmdistill distill --resume RUN_DIR."
         )
-    optimizer.step()
-    metrics = {name: total / step_tokens for name, total in sums.items()}
-    metrics["grad_norm"] = grad_norm.item()
-    metrics["tokens"] = step_tokens
+    else:
+        optimizer.step()
+    names = list(sums)
+    totals = dict(zip(names, torch.stack([sums[n] for n in names]).tolist())) if names else {}
+    totals = dist.sum_across({**totals, "tokens": float(step_tokens)}, setup.ranks, setup.device)
+    all_tokens = totals.pop("tokens")
+    metrics = {name: total / all_tokens for name, total in totals.items()}
+    metrics["grad_norm"] = grad_norm
+    if scaler is not None:
+        metrics["loss_scale"] = scaler.get_scale()
+    metrics["tokens"] = int(all_tokens)
     return metrics
 
 
+class _LogitsOnly(nn.Module):
+    """The objective seen as a causal LM (``model(input_ids=...).logits``) for the perplexity code."""
+
+    def __init__(self, objective: nn.Module, student: PreTrainedModel) -> None:
+        super().__init__()
+        self.objective = objective
+        self.config = student.config
+        self._embeddings = [student.get_input_embeddings()]  # a list: not registered twice
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self._embeddings[0]
+
+    def forward(self, input_ids: torch.Tensor, **_: Any) -> Any:
+        return SimpleNamespace(logits=self.objective(input_ids, logits_only=True))
+
+
 def validate(setup: Setup, tokens: np.ndarray) -> dict[str, float]:
-    """Student perplexity on the first ``train.eval_tokens`` validation tokens (disjoint windows)."""
+    """Student perplexity on the first ``train.eval_tokens`` validation tokens (disjoint windows).
+
+    Under torchrun every rank computes it (FSDP2 needs all ranks in each forward pass); under
+    DDP the inner module runs, so no collective is involved.
+    """
     protocol = PerplexityProtocol(
         window=setup.config.data.block_size,
         max_tokens=min(len(tokens), setup.config.train.eval_tokens + 1),
         batch_size=setup.config.train.batch_size,
     )
-    result = perplexity(setup.student, tokens, protocol, device=setup.device)
+    model = _LogitsOnly(dist.unwrap(setup.objective), setup.student)
+    with setup.autocast_context():
+        result = perplexity(model, tokens, protocol, device=setup.device)
+    dist.reshard(setup.objective)
     return {"val_loss": result.nll_sum / result.tokens_scored, "val_ppl": result.perplexity, "val_tokens": result.tokens_scored}
 
 
 # ---------------------------------------------------------------------------------------
 # The run
+
+
+SHARED_RUN_DIR = ("under torchrun every process reads RUN_DIR (only rank 0 writes it): on several nodes, put it on a "
+                  "file system that all of them mount")
 
 
 def check_run_dir(run: RunDir, config: RunConfig | None, resume: bool) -> None:
@@ -467,7 +697,8 @@ def check_run_dir(run: RunDir, config: RunConfig | None, resume: bool) -> None:
         raise RunDirError(f"{run.root} is a file, not a run directory; choose another --out")
     if resume:
         if not run.config.is_file():
-            raise RunDirError(f"{run.root} holds no run to resume (no config.yaml); start one with --out {run.root}")
+            hint = f" ({SHARED_RUN_DIR})" if dist.launched_by_torchrun() else ""
+            raise RunDirError(f"{run.root} holds no run to resume (no config.yaml); start one with --out {run.root}{hint}")
         return
     assert config is not None
     if run.config.is_file():
@@ -501,52 +732,82 @@ def run_training(config: RunConfig | None, out_dir: Path, resume: bool = False, 
 
     ``config`` is None when resuming (the run's own config.yaml is used). ``stop_at_step``
     ends the run early after that step with a checkpoint, as Ctrl-C would. ``setup`` passes
-    already-loaded models (new runs only).
+    already-loaded models (new runs in one process only).
+
+    Launched by torchrun, every process calls this: it joins the process group, trains its
+    share of each batch, and rank 0 alone prints, logs and writes the run directory (the
+    others wait for it at barriers); every rank reads the checkpoint on resume.
     """
     run = RunDir(Path(out_dir))
-    check_run_dir(run, config, resume)
-    if resume:
-        if setup is not None:
-            raise ValueError("a resumed run loads its student from the checkpoint; do not pass setup")
-        config = load_config(run.config)
-        if (run.root / "summary.json").is_file():
-            print(f"[lmdistill] {run.root} already finished; nothing to resume")
-            return json.loads((run.root / "summary.json").read_text())
-    assert config is not None
+    ranks = dist.from_environment()
+    with dist.quiet_unless_main(ranks):
+        check_run_dir(run, config, resume)
+        if resume:
+            if setup is not None:
+                raise ValueError("a resumed run loads its student from the checkpoint; do not pass setup")
+            config = load_config(run.config)
+            if (run.root / "summary.json").is_file():
+                print(f"[lmdistill] {run.root} already finished; nothing to resume")
+                return json.loads((run.root / "summary.json").read_text())
+        assert config is not None
+        ranks, created = dist.init(config.train.device)
+        if setup is not None and ranks.enabled:
+            raise ValueError("setup can only be passed in a single process; under torchrun each rank builds its own")
+        summary = _train(run, config, resume, stop_at_step, progress, setup, ranks)
+    dist.shutdown(ranks, created)
+    return summary
+
+
+def _train(run: RunDir, config: RunConfig, resume: bool, stop_at_step: int | None, progress: bool,
+           setup: Setup | None, ranks: dist.DistInfo) -> dict[str, Any]:
     checkpoint = run.latest_checkpoint() if resume else None
     if resume and checkpoint is None and (run.checkpoints).is_dir() and any(run.checkpoints.glob("step_*")):
         raise RunDirError(f"{run.checkpoints} holds no complete checkpoint; start a new run with another --out")
     if setup is None:
-        setup = build_setup(config, student_init=checkpoint / "student" if checkpoint else None)
-    if not resume:
+        setup = build_setup(config, student_init=checkpoint / "student" if checkpoint else None, ranks=ranks)
+    if not resume and ranks.is_main:
         # Written only once the set-up succeeded, so a failed start leaves no half-made run.
         run.root.mkdir(parents=True, exist_ok=True)
         write_text_atomic(run.config, config.to_yaml())
+    dist.barrier(ranks)
+    if not run.config.is_file():
+        raise RunDirError(f"rank {ranks.rank} cannot see {run.config}, which rank 0 wrote; {SHARED_RUN_DIR}")
+    if ranks.enabled:
+        print(f"[lmdistill] {ranks.world_size} process(es), student {config.train.distributed}, teacher "
+              f"{config.train.teacher_sharding if setup.teacher is not None else 'not used'}, device {setup.device.type}, "
+              f"{'float32' if setup.autocast is None else str(setup.autocast).removeprefix('torch.') + ' autocast'}")
 
     optimizer = make_optimizer(config, setup.student)
     train_tokens, val_tokens = setup.data.tokens("train"), setup.data.tokens("validation")
-    sampler = BlockSampler(len(train_tokens), config.data.block_size, config.train.batch_size, seed=config.train.seed)
-    tokens_per_step = sampler.tokens_per_batch * config.train.grad_accum
+    sampler = BlockSampler(len(train_tokens), config.data.block_size, config.train.batch_size, seed=config.train.seed,
+                           rank=ranks.rank, world_size=ranks.world_size)
+    tokens_per_step = sampler.tokens_per_batch * config.train.grad_accum * ranks.world_size  # all ranks
     budget = Budget.from_config(config.train.max_steps, config.train.max_tokens, config.train.max_minutes, tokens_per_step)
     warmup = budget.warmup_fraction(config.train.warmup)
 
     done = Progress()
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
-        optimizer.load_state_dict(state["optimizer"])
+        check_resume_world_size(state, config, ranks, tokens_per_step)
+        dist.load_optimizer_state(optimizer, state["optimizer"])
         sampler.load_state_dict(state["sampler"])
+        if setup.scaler is not None and state.get("scaler"):
+            setup.scaler.load_state_dict(state["scaler"])
         done = Progress(state["step"], state["tokens_seen"], state["elapsed"])
-        set_rng_state(state["rng"])
-        truncate_metrics(run, done.step)
+        restore_rng(state, ranks, config.train.seed, done.step)
+        if ranks.is_main:
+            truncate_metrics(run, done.step)
         print(f"[lmdistill] resuming {run.root} from step {done.step} ({done.tokens_seen:,} tokens)")
     else:
         if resume:
-            truncate_metrics(run, -1)
+            if ranks.is_main:
+                truncate_metrics(run, -1)
             print(f"[lmdistill] {run.root} has no checkpoint yet; starting it from the beginning")
-        torch.manual_seed(config.train.seed)
-        save_model(setup.student, setup.tokenizer, run.student_init)
+        torch.manual_seed(config.train.seed + ranks.rank)  # rank 0 as one process; other ranks' dropout differs
+        save_student(setup, run.student_init)
         row = {"step": 0, "tokens_seen": 0, **validate(setup, val_tokens)}
-        append_metrics(run, row)
+        if ranks.is_main:
+            append_metrics(run, row)
         print(f"[lmdistill] step 0: validation perplexity {row['val_ppl']:.2f}")
 
     saved_step = done.step if checkpoint is not None else -1
@@ -555,14 +816,23 @@ def run_training(config: RunConfig | None, out_dir: Path, resume: bool = False, 
         nonlocal saved_step
         if saved_step == done.step:
             return
-        save_checkpoint(run, done.step, setup.student, setup.tokenizer, {
-            "optimizer": optimizer.state_dict(), "sampler": sampler.state_dict(),
-            "step": done.step, "tokens_seen": done.tokens_seen, "elapsed": done.elapsed,
-        })
+        # Gathered from every rank (collectives), written by rank 0 in the one-process format.
+        student_state = (dist.full_model_state(setup.objective, ranks, prefix="student.")
+                         if dist.is_sharded(setup.objective) else None)
+        optimizer_state = dist.full_optimizer_state(optimizer, ranks)
+        rng_per_rank = dist.gather(rng_state(), ranks)
+        if ranks.is_main:
+            save_checkpoint(run, done.step, setup.student, setup.tokenizer, {
+                "optimizer": optimizer_state, "sampler": sampler.state_dict(),
+                "step": done.step, "tokens_seen": done.tokens_seen, "elapsed": done.elapsed,
+                "world_size": ranks.world_size, "tokens_per_step": tokens_per_step, "rng_ranks": rng_per_rank,
+                **({"scaler": setup.scaler.state_dict()} if setup.scaler is not None else {}),
+            }, student_state=student_state)
+        dist.barrier(ranks)
         saved_step = done.step
 
     bar = tqdm(total=budget.estimated_total_steps(done.step, done.elapsed), initial=done.step,
-               disable=not progress, unit="step", dynamic_ncols=True)
+               disable=not progress or not ranks.is_main, unit="step", dynamic_ncols=True)
     stopped_early = False
     with GracefulStop() as stop_request:
         while not budget.done(done.step, done.elapsed):
@@ -573,15 +843,20 @@ def run_training(config: RunConfig | None, out_dir: Path, resume: bool = False, 
                 group["lr"] = lr
             batches = [next_micro_batch(setup, sampler, train_tokens) for _ in range(config.train.grad_accum)]
             metrics = train_step(setup, optimizer, batches)
-            seconds = time.perf_counter() - started
+            # Every rank takes the same decisions: the slowest rank's time drives the time
+            # budget and the schedule, and a stop asked of any rank stops all of them.
+            agreed = dist.max_across({"seconds": time.perf_counter() - started,
+                                      "stop": float(stop_request.requested)}, ranks, setup.device)
+            seconds, stop_requested = agreed["seconds"], agreed["stop"] > 0
             done.step += 1
             done.tokens_seen += int(metrics.pop("tokens"))
             done.elapsed += seconds
-            append_metrics(run, {
-                "step": done.step, "tokens_seen": done.tokens_seen, "lr": lr,
-                **{k: float(f"{v:.7g}") for k, v in metrics.items()},  # 7 significant digits
-                "tokens_per_s": round(tokens_per_step / seconds, 1), "elapsed_s": round(done.elapsed, 2),
-            })
+            if ranks.is_main:
+                append_metrics(run, {
+                    "step": done.step, "tokens_seen": done.tokens_seen, "lr": lr,
+                    **{k: float(f"{v:.7g}") for k, v in metrics.items()},  # 7 significant digits
+                    "tokens_per_s": round(tokens_per_step / seconds, 1), "elapsed_s": round(done.elapsed, 2),
+                })
             bar.total = budget.estimated_total_steps(done.step, done.elapsed)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{tokens_per_step / seconds:.0f}")
@@ -589,34 +864,91 @@ def run_training(config: RunConfig | None, out_dir: Path, resume: bool = False, 
                 break
             if config.train.eval_every and done.step % config.train.eval_every == 0:
                 val = {"step": done.step, "tokens_seen": done.tokens_seen, **validate(setup, val_tokens)}
-                append_metrics(run, val)
-                bar.write(f"[lmdistill] step {done.step}: validation perplexity {val['val_ppl']:.2f}")
+                if ranks.is_main:
+                    append_metrics(run, val)
+                    bar.write(f"[lmdistill] step {done.step}: validation perplexity {val['val_ppl']:.2f}")
             if config.train.checkpoint_every and done.step % config.train.checkpoint_every == 0:
                 checkpoint_now()
-            if stop_request.requested or (stop_at_step is not None and done.step >= stop_at_step):
+            if stop_requested or (stop_at_step is not None and done.step >= stop_at_step):
                 checkpoint_now()
                 stopped_early = True
                 break
     bar.close()
     if stopped_early:
         print(f"[lmdistill] stopped at step {done.step}; checkpoint written. "
-              f"Continue with: lmdistill distill --resume {run.root}")
+              f"Continue with: lmdistill distill --resume {run.root}"
+              + (" (under torchrun, with the same launch command)" if ranks.enabled else ""))
         return {"run_dir": str(run.root), "step": done.step, "tokens_seen": done.tokens_seen, "finished": False}
     return finish_run(run, setup, val_tokens, done, checkpoint_now)
 
 
+def save_student(setup: Setup, out_dir: Path) -> None:
+    """The student as an HF folder, written by rank 0 (its full weights gathered first when
+    FSDP2 shards it: every rank must call this)."""
+    ranks = setup.ranks
+    state = dist.full_model_state(setup.objective, ranks, prefix="student.") if dist.is_sharded(setup.objective) else None
+    if ranks.is_main:
+        save_model(setup.student, setup.tokenizer, out_dir, state_dict=state)
+    dist.barrier(ranks)
+
+
+def check_resume_world_size(state: dict[str, Any], config: RunConfig, ranks: dist.DistInfo, tokens_per_step: int) -> None:
+    """A checkpoint resumes with another number of processes only if the global batch (tokens
+    per optimiser step) stays the same; the message says how to keep it."""
+    saved = int(state.get("world_size", state["sampler"].get("world_size", 1)))
+    if saved == ranks.world_size:
+        return
+    t = config.train
+    per_rank = config.data.block_size * t.batch_size * t.grad_accum
+    saved_tokens = int(state.get("tokens_per_step", per_rank * saved))
+    if saved_tokens != tokens_per_step:
+        sequences = saved_tokens // config.data.block_size
+        fixes = []
+        if sequences % (ranks.world_size * t.batch_size) == 0:
+            fixes.append(f"train.grad_accum={sequences // (ranks.world_size * t.batch_size)}")
+        if sequences % (ranks.world_size * t.grad_accum) == 0:
+            fixes.append(f"train.batch_size={sequences // (ranks.world_size * t.grad_accum)}")
+        how = (f"Set {' or '.join(fixes)} in the run's config.yaml to keep it, or resume" if fixes else "Resume")
+        raise RunDirError(
+            f"the checkpoint was written by {saved} process(es) with a global batch of {sequences} sequences per "
+            f"step; {ranks.world_size} process(es) x train.batch_size={t.batch_size} x train.grad_accum={t.grad_accum} "
+            f"would make {tokens_per_step // config.data.block_size}. {how} with {saved} process(es) in all "
+            f"(torchrun --nproc-per-node ...)"
+        )
+    print(f"[lmdistill] resuming a run of {saved} process(es) with {ranks.world_size}: same global batch; the full "
+          f"checkpoint is re-sharded")
+
+
+def restore_rng(state: dict[str, Any], ranks: dist.DistInfo, seed: int, step: int) -> None:
+    """Each rank's own RNG state when the world size is unchanged; else rank 0's for rank 0 and
+    fresh seeds for the others (their dropout masks then differ from an uninterrupted run)."""
+    per_rank = state.get("rng_ranks")
+    if per_rank and len(per_rank) == ranks.world_size:
+        set_rng_state(per_rank[ranks.rank])
+    elif ranks.is_main:
+        set_rng_state(state["rng"])
+    else:
+        torch.manual_seed(seed + 1000 * step + ranks.rank)
+
+
 def finish_run(run: RunDir, setup: Setup, val_tokens: np.ndarray, done: Progress, checkpoint_now) -> dict[str, Any]:
     """Final validation, checkpoint, student folder and ``summary.json`` (written last)."""
+    ranks = setup.ranks
     final_val = {"step": done.step, "tokens_seen": done.tokens_seen, **validate(setup, val_tokens)}
-    append_metrics(run, final_val)
+    if ranks.is_main:
+        append_metrics(run, final_val)
     checkpoint_now()
-    save_model(setup.student, setup.tokenizer, run.student)
+    save_student(setup, run.student)
     summary = {
         "run_dir": str(run.root), "step": done.step, "tokens_seen": done.tokens_seen, "finished": True,
         "train_seconds": round(done.elapsed, 1), "val_ppl": final_val["val_ppl"],
         "student_parameters": count_parameters(setup.student),
     }
-    write_text_atomic(run.root / "summary.json", json.dumps(summary, indent=2) + "\n")
+    if ranks.enabled:
+        summary["world_size"] = ranks.world_size
+    if ranks.is_main:
+        write_text_atomic(run.root / "summary.json", json.dumps(summary, indent=2) + "\n")
+    dist.barrier(ranks)
     print(f"[lmdistill] done: {done.step} steps, {done.tokens_seen:,} tokens, validation perplexity "
           f"{final_val['val_ppl']:.2f}; student saved to {run.student}")
     return summary
