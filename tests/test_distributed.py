@@ -1,0 +1,387 @@
+"""Data parallelism through torchrun on the CPU (gloo): 2 real processes, the user's command.
+
+Each torchrun launch costs about 10 s (two interpreters importing torch and transformers), so
+launches are shared between tests through module-scoped fixtures; the one-process references
+run in this process. Tiny GPT-2-shaped models (width 32), blocks of 32 tokens, a few steps.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM
+
+from lmdistill.checkpoint import RunDir, read_metrics
+from lmdistill.config import ConfigError, load_config
+from lmdistill.data.errors import DataError
+from lmdistill.data.sampler import BlockSampler
+from lmdistill.train import RunDirError, build_setup, make_optimizer, resolve_precision, run_training, train_step
+
+from .helpers import save_with_tokenizer, small_text_file, tiny_gpt2
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory, gpt2_tokenizer):
+    root = tmp_path_factory.mktemp("dist")
+    return {
+        "root": root,
+        "text": small_text_file(root),
+        "teacher": save_with_tokenizer(tiny_gpt2(n_layer=4, seed=0), gpt2_tokenizer, root / "teacher"),
+        "teacher_dropout": save_with_tokenizer(tiny_gpt2(n_layer=4, dropout=0.1, seed=0), gpt2_tokenizer,
+                                               root / "teacher_dropout"),
+        "data": root / "data",
+    }
+
+
+def overrides(ws, teacher: str = "teacher", **train) -> list[str]:
+    values = [
+        f"model.teacher={ws[teacher]}", "model.num_layers=2",
+        f"data.sources=[{ws['text']}]", f"data.prepared_dir={ws['data']}", "data.block_size=32",
+        "train.lr=1e-3", "train.warmup=0.2", "train.eval_every=0", "train.checkpoint_every=0", "train.eval_tokens=256",
+        "train.threads=1",
+    ]
+    return values + [f"{k if '.' in k else 'train.' + k}={v}" for k, v in train.items()]
+
+
+def config(ws, teacher: str = "teacher", **train):
+    return load_config(None, overrides(ws, teacher, **{k.replace("__", "."): v for k, v in train.items()}))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+ENTRY_POINT = Path(sys.executable).parent / "lmdistill"
+
+
+def torchrun_command(args: list[str], nproc: int = 2, entry_point: bool = False) -> list[str]:
+    """``torchrun ... -m lmdistill ARGS``, or with ``entry_point`` the installed ``lmdistill``
+    command (``torchrun ... --no-python lmdistill ARGS``)."""
+    program = ["--no-python", str(ENTRY_POINT)] if entry_point else ["-m", "lmdistill"]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+            "--master-port", str(free_port()), *program, *args]
+
+
+def env() -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(args: list[str], nproc: int = 2, timeout: float = 300, entry_point: bool = False) -> str:
+    proc = subprocess.run(torchrun_command(args, nproc, entry_point), capture_output=True, text=True, env=env(),
+                          timeout=timeout)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+
+def losses(run_dir: Path, key: str = "loss") -> dict[int, float]:
+    return {r["step"]: r[key] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+def params(folder: Path) -> dict[str, torch.Tensor]:
+    return AutoModelForCausalLM.from_pretrained(folder).state_dict()
+
+
+def assert_same_params(a: Path, b: Path, atol: float = 1e-5) -> None:
+    pa, pb, initial = params(a), params(b), params(a.parent / "student_init")
+    assert pa.keys() == pb.keys()
+    for name in pa:
+        assert torch.allclose(pa[name], pb[name], atol=atol, rtol=0), (name, (pa[name] - pb[name]).abs().max())
+    assert any(not torch.equal(pa[n], initial[n]) for n in pa), "training did not change the student"
+
+
+def assert_same_losses(a: dict[int, float], b: dict[int, float], tol: float = 1e-5) -> None:
+    assert sorted(a) == sorted(b), (sorted(a), sorted(b))
+    for step in a:
+        assert abs(a[step] - b[step]) < tol, (step, a[step], b[step])
+
+
+def assert_same_run(a: Path, b: Path, tol: float = 1e-5) -> None:
+    """Same losses (to ``tol``) and gradient norms (to ``10 * tol`` relative: summed in another
+    order across ranks, they drift a little over the steps) at every step. Adam's update hardly
+    depends on the gradient's scale, so the norm is what shows a wrong normalisation over ranks
+    (a factor of 2)."""
+    assert_same_losses(losses(a), losses(b), tol)
+    norms = losses(b, "grad_norm")
+    for step, norm in losses(a, "grad_norm").items():
+        assert abs(norm - norms[step]) < 10 * tol * norm, (step, norm, norms[step])
+
+
+def run_files(run_dir: Path) -> set[str]:
+    return {str(p.relative_to(run_dir)) for p in run_dir.rglob("*")}
+
+
+# ---------------------------------------------------------------------------------------
+# Two-process runs, each launched once
+
+
+@pytest.fixture(scope="module")
+def ddp_run(ws):
+    """torchrun, 2 processes, DDP, batch 2 per process, the fused chunked loss (default)."""
+    run = ws["root"] / "ddp"
+    out = torchrun(["distill", "--out", str(run),
+                    *overrides(ws, batch_size=2, max_steps=4, checkpoint_every=2)])
+    return run, out
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(ws):
+    """torchrun, 2 processes, FSDP2 student and teacher, batch 2 x 2 micro-batches, full logits;
+    through the installed ``lmdistill`` command when there is one."""
+    run = ws["root"] / "fsdp"
+    out = torchrun(["distill", "--out", str(run),
+                    *overrides(ws, batch_size=2, grad_accum=2, max_steps=3, checkpoint_every=2, distributed="fsdp",
+                               teacher_sharding="fsdp", **{"loss.chunk_tokens": 0})], entry_point=ENTRY_POINT.is_file())
+    return run, out
+
+
+def test_two_processes_equal_one_process_with_twice_the_batch(ws, ddp_run, tmp_path):
+    run, out = ddp_run
+    assert "2 process(es), student ddp" in out
+    single = run_training(config(ws, batch_size=4, max_steps=4, checkpoint_every=2), tmp_path / "one", progress=False)
+    assert single["tokens_seen"] == 4 * 4 * 32
+    assert json.loads((run / "summary.json").read_text())["tokens_seen"] == single["tokens_seen"]
+    assert_same_params(run / "student", tmp_path / "one" / "student")
+    assert_same_run(run, tmp_path / "one")
+    val = lambda d: [r["val_loss"] for r in read_metrics(d / "metrics.jsonl") if "val_loss" in r]  # noqa: E731
+    assert np.allclose(val(run), val(tmp_path / "one"), atol=1e-5, rtol=0)
+
+
+def test_only_rank_0_writes(ws, ddp_run, tmp_path):
+    run, out = ddp_run
+    run_training(config(ws, batch_size=4, max_steps=4, checkpoint_every=2), tmp_path / "one", progress=False)
+    assert run_files(run) == run_files(tmp_path / "one")  # no stray or temporary files
+    rows = read_metrics(run / "metrics.jsonl")
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # one line per step, not one per rank
+    assert [r["step"] for r in rows if "val_loss" in r] == [0, 4]
+    assert out.count("[lmdistill] done:") == 1 and out.count("step 0: validation perplexity") == 1
+    assert out.count("student keeps teacher layers") == 1
+
+
+def test_fsdp_student_and_teacher_equal_one_process(ws, fsdp_run, tmp_path):
+    run, out = fsdp_run
+    assert "2 process(es), student fsdp, teacher fsdp" in out
+    one = tmp_path / "one"
+    run_training(config(ws, batch_size=4, grad_accum=2, max_steps=3, checkpoint_every=2, loss__chunk_tokens=0), one,
+                 progress=False)
+    assert_same_params(run / "student", one / "student")
+    assert_same_run(run, one)
+
+
+def rewind(run: Path, to: Path, step: int, **config_changes) -> Path:
+    """A copy of a finished run as if it had been stopped after the checkpoint of ``step``."""
+    shutil.copytree(run, to)
+    for name in ("summary.json", "student"):
+        shutil.rmtree(to / name, ignore_errors=True) if (to / name).is_dir() else (to / name).unlink(missing_ok=True)
+    for ckpt in (to / "checkpoints").glob("step_*"):
+        if int(ckpt.name.split("_")[1]) > step:
+            shutil.rmtree(ckpt)
+    (to / "checkpoints" / "latest").write_text(f"step_{step:06d}\n")
+    if config_changes:
+        data = yaml.safe_load((to / "config.yaml").read_text())
+        data["train"].update(config_changes)
+        (to / "config.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
+    return to
+
+
+def test_two_process_checkpoint_resumes_in_one_process_with_the_same_global_batch(ddp_run, tmp_path):
+    run, _ = ddp_run
+    with pytest.raises(RunDirError, match=r"global batch of 4 sequences.*train\.grad_accum=2 or train\.batch_size=4"):
+        run_training(None, rewind(run, tmp_path / "as_is", 2), resume=True, progress=False)
+    resumed = rewind(run, tmp_path / "accum", 2, grad_accum=2)  # 1 process x 2 sequences x 2 micro-batches
+    summary = run_training(None, resumed, resume=True, progress=False)
+    assert summary["finished"] and summary["step"] == 4
+    assert_same_run(resumed, run)
+    assert_same_params(resumed / "student", run / "student")
+
+
+def test_fsdp_checkpoint_holds_full_state(fsdp_run, tmp_path):
+    """The FSDP2 run's step-2 checkpoint (optimizer state gathered from the shards) continues
+    in one process exactly as the two processes did."""
+    run, _ = fsdp_run
+    resumed = rewind(run, tmp_path / "one", 2, batch_size=4)
+    assert run_training(None, resumed, resume=True, progress=False)["step"] == 3
+    assert_same_run(resumed, run)
+    assert_same_params(resumed / "student", run / "student")
+
+
+# ---------------------------------------------------------------------------------------
+# Killed and resumed
+
+
+def descendants(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = [int(c) for c in (task / "children").read_text().split()]
+        except OSError:
+            continue
+        for child in children:
+            found += [child, *descendants(child)]
+    return found
+
+
+def test_killed_two_process_run_resumes_with_the_same_losses(ws, tmp_path):
+    # Dropout on: each rank's RNG state must come back for the losses to match.
+    args = overrides(ws, teacher="teacher_dropout", batch_size=2, max_steps=16, checkpoint_every=2)
+    reference = tmp_path / "reference"
+    torchrun(["distill", "--out", str(reference), *args])
+
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(torchrun_command(["distill", "--out", str(run), *args]), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env())
+    deadline = time.time() + 240
+    while len(losses(run)) < 5:  # step 5 logged: the step-4 checkpoint is complete
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            pytest.fail(f"the run ended or stalled before it could be killed:\n{proc.stdout.read()[-4000:]}")
+        time.sleep(0.01)
+    for pid in [*descendants(proc.pid), proc.pid]:  # the workers, then torchrun: nothing is left to clean up
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)
+    latest = RunDir(run).latest_checkpoint()
+    assert latest is not None and 4 <= int(latest.name.split("_")[1]) < 16, "killed too late to test a resume"
+    assert not (run / "student").exists() and not (run / "summary.json").exists()
+
+    out = torchrun(["distill", "--resume", str(run)])
+    assert out.count(f"resuming {run} from step") == 1
+    assert_same_run(run, reference, tol=1e-6)
+    assert_same_params(run / "student", reference / "student", atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------
+# In-process checks (no launch)
+
+
+def test_ranks_together_take_one_process_batch_blocks():
+    """Rank r takes positions r, r+W, ... of the permutation: in every micro-batch the W ranks
+    together take the W*b consecutive positions that one process with batch W*b takes."""
+    tokens = np.arange(8 * 61 + 1, dtype=np.uint32)  # 61 blocks of 8: odd, so 2 ranks drop one per epoch
+    one = BlockSampler(len(tokens), 8, 6, seed=5)
+    ranks = [BlockSampler(len(tokens), 8, 3, seed=5, rank=r, world_size=2) for r in range(2)]
+    for _ in range(10):  # 60 blocks: the whole first epoch of both
+        _, _, expected = one.next_indexed_batch(tokens)
+        got = np.concatenate([s.next_indexed_batch(tokens)[2] for s in ranks])
+        assert sorted(got) == sorted(expected)
+
+
+def test_sampler_resumes_at_another_world_size():
+    tokens = np.arange(8 * 48 + 1, dtype=np.uint32)
+    two = [BlockSampler(len(tokens), 8, 2, seed=1, rank=r, world_size=2) for r in range(2)]
+    for _ in range(3):
+        for s in two:
+            s.next_batch(tokens)
+    state = two[0].state_dict()  # 12 blocks of epoch 0 consumed
+    four = [BlockSampler(len(tokens), 8, 1, seed=1, rank=r, world_size=4) for r in range(4)]
+    for s in four:
+        s.load_state_dict(state)
+    after_two = np.concatenate([s.next_indexed_batch(tokens)[2] for s in two])
+    after_four = np.concatenate([s.next_indexed_batch(tokens)[2] for s in four])
+    assert sorted(after_two) == sorted(after_four)
+    one = BlockSampler(len(tokens), 8, 1, seed=1)
+    one.load_state_dict(state)
+    assert one.state_dict()["position"] == 12
+    with pytest.raises(DataError, match=r"5 processes cannot split.*Resume with 2 processes"):
+        BlockSampler(len(tokens), 8, 1, seed=1, rank=0, world_size=5).load_state_dict(state)
+
+
+def test_cpu_refuses_mixed_precision():
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) is None and resolve_precision("fp32", cpu) is None
+    for name in ("bf16", "fp16"):
+        with pytest.raises(ConfigError, match=f"train.precision: {name} autocast is for CUDA.*train.precision=auto"):
+            resolve_precision(name, cpu)
+
+
+@pytest.mark.parametrize("override, field", [
+    ("train.distributed=zero3", "train.distributed"), ("train.teacher_sharding=cpu", "train.teacher_sharding"),
+    ("train.precision=fp8", "train.precision"), ("train.compile=maybe", "train.compile"),
+])
+def test_bad_distributed_settings_name_the_field(override, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(None, ["train.max_steps=1", override])
+
+
+def test_an_error_under_torchrun_stops_every_process(ws, tmp_path):
+    proc = subprocess.run(torchrun_command(["distill", "--out", str(tmp_path / "run"),
+                                            *overrides(ws, max_steps=1, precision="bf16")]),
+                          capture_output=True, text=True, env=env(), timeout=120)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "lmdistill distill: error: config value train.precision: bf16 autocast is for CUDA" in out
+    assert "lmdistill distill (rank 1): error: config value train.precision" in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_bf16_precision_on_cpu_is_refused_before_models_load(ws, tmp_path):
+    with pytest.raises(ConfigError, match="train.precision"):
+        run_training(config(ws, max_steps=1, precision="bf16"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
+def test_activation_checkpointing_recomputes_and_trains_identically(ws, tmp_path):
+    calls = {}
+    for flag in ("false", "true"):
+        setup = build_setup(config(ws, max_steps=1, activation_checkpointing=flag))
+        layer = setup.student.transformer.h[0].ln_1  # the first module inside the checkpointed layer
+        calls[flag] = 0
+        layer.register_forward_pre_hook(lambda *_: calls.__setitem__(flag, calls[flag] + 1))
+        _steps(setup, 1)
+    assert calls == {"false": 1, "true": 2}  # the layer runs again in the backward pass
+    plain = run_training(config(ws, batch_size=2, max_steps=2), tmp_path / "plain", progress=False)
+    ckpt = run_training(config(ws, batch_size=2, max_steps=2, activation_checkpointing="true"), tmp_path / "ckpt",
+                        progress=False)
+    assert plain["tokens_seen"] == ckpt["tokens_seen"]
+    assert_same_params(tmp_path / "plain" / "student", tmp_path / "ckpt" / "student", atol=1e-6)
+
+
+def _steps(setup, n: int = 2) -> list[dict]:
+    optimizer = make_optimizer(setup.config, setup.student)
+    tokens = setup.data.tokens("train")
+    sampler = BlockSampler(len(tokens), setup.config.data.block_size, 2, seed=0)
+    return [train_step(setup, optimizer, [sampler.next_batch(tokens)]) for _ in range(n)]
+
+
+def test_gradient_scaler_path_matches_float32(ws):
+    """fp16's GradScaler path (scale, unscale, step, update), here on CPU float32: the
+    power-of-two scale cancels exactly."""
+    cfg = config(ws, max_steps=2)
+    torch.manual_seed(0)
+    reference = _steps(build_setup(cfg))
+    setup = build_setup(cfg)
+    setup.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    scaled = _steps(setup)
+    for a, b in zip(reference, scaled):
+        assert abs(a["loss"] - b["loss"]) < 1e-6 and abs(a["grad_norm"] - b["grad_norm"]) < 1e-4
+        assert b["loss_scale"] == 2.0**10
+
+
+def test_bf16_autocast_step_is_close_to_float32(ws):
+    """The bf16 code path (autocast, bf16 lm_head matmuls in the fused loss), run on the CPU's
+    bf16 autocast, which the config refuses for training but torch provides."""
+    cfg = config(ws, max_steps=2)
+    reference = _steps(build_setup(cfg))
+    setup = build_setup(cfg)
+    setup.autocast = torch.bfloat16
+    setup.objective.matmul_dtype = torch.bfloat16
+    setup.teacher.to(torch.bfloat16)  # as place_teacher stores it under bf16
+    low = _steps(setup)
+    for a, b in zip(reference, low):
+        assert np.isfinite(b["loss"]) and abs(a["loss"] - b["loss"]) < 0.05 * abs(a["loss"])
