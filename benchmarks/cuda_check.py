@@ -78,6 +78,7 @@ def compare_training(teacher: Path, work: Path, other: str) -> tuple[dict, bool]
             f"model.teacher={teacher}", "model.num_layers=2", "data.sources=[corpus:moby_dick]",
             f"data.prepared_dir={work / 'data'}", "data.block_size=128", "train.batch_size=4", "train.max_steps=8",
             "train.eval_every=0", "train.checkpoint_every=0", "train.eval_tokens=1024", f"train.device={device}",
+            "train.precision=fp32", "train.tf32=false",  # parity with the CPU: no bf16 autocast, no TF32
         ])
         run_training(config, work / run_name, progress=False)
         losses[run_name] = [r["loss"] for r in read_metrics(work / run_name / "metrics.jsonl") if "loss" in r]
@@ -92,7 +93,8 @@ def time_distilgpt2_step(tokenizer, work: Path) -> dict:
     config = load_config("distilgpt2", [
         f"model.teacher={teacher}", "data.sources=[corpus:all]", f"data.prepared_dir={work / 'data-gpt2'}",
         "train.batch_size=8", "train.grad_accum=1", "train.max_steps=12", "train.eval_every=0",
-        "train.checkpoint_every=0", "train.eval_tokens=8192", "train.device=cuda",
+        "train.checkpoint_every=0", "train.eval_tokens=8192", "train.device=cuda", "train.precision=fp32",
+        "train.tf32=false",
     ])
     run_training(config, work / "run-distilgpt2", progress=False)
     rows = [r for r in read_metrics(work / "run-distilgpt2" / "metrics.jsonl") if "loss" in r]

@@ -93,7 +93,8 @@ def save_random_gpt2(folder: Path) -> Path:
 
 def recipe_config(recipe: str, seq: int, batch: int, device: str, source: str, extra: list[str], work: Path):
     overrides = [f"data.block_size={seq}", f"train.batch_size={batch}", "train.grad_accum=1",
-                 f"data.sources=[{source}]", f"train.device={device}"]
+                 f"data.sources=[{source}]", f"train.device={device}",
+                 "train.precision=fp32", "train.tf32=false"]  # float32, as the peak it is compared with
     if recipe == RANDOM_GPT2:
         teacher = work / "gpt2-124m"
         if not (teacher / "config.json").is_file():
