@@ -385,3 +385,14 @@ def test_bf16_autocast_step_is_close_to_float32(ws):
     low = _steps(setup)
     for a, b in zip(reference, low):
         assert np.isfinite(b["loss"]) and abs(a["loss"] - b["loss"]) < 0.05 * abs(a["loss"])
+
+
+@pytest.mark.slow
+def test_compiled_layers_train_identically(ws, tmp_path):
+    """train.compile (inductor on the CPU: about half a minute of compiling) with activation
+    checkpointing gives the losses and weights of plain eager training."""
+    run_training(config(ws, batch_size=2, max_steps=3), tmp_path / "eager", progress=False)
+    run_training(config(ws, batch_size=2, max_steps=3, compile="true", activation_checkpointing="true"),
+                 tmp_path / "compiled", progress=False)
+    assert_same_run(tmp_path / "compiled", tmp_path / "eager")
+    assert_same_params(tmp_path / "compiled" / "student", tmp_path / "eager" / "student")
