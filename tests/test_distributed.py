@@ -140,12 +140,12 @@ def ddp_run(ws):
 
 @pytest.fixture(scope="module")
 def fsdp_run(ws):
-    """torchrun, 2 processes, FSDP2 student and teacher, batch 2 x 2 micro-batches, full logits;
-    through the installed ``lmdistill`` command when there is one."""
+    """torchrun, 2 processes, FSDP2 student and teacher, batch 2 x 2 micro-batches, the fused
+    chunked loss (default); through the installed ``lmdistill`` command when there is one."""
     run = ws["root"] / "fsdp"
     out = torchrun(["distill", "--out", str(run),
                     *overrides(ws, batch_size=2, grad_accum=2, max_steps=3, checkpoint_every=2, distributed="fsdp",
-                               teacher_sharding="fsdp", **{"loss.chunk_tokens": 0})], entry_point=ENTRY_POINT.is_file())
+                               teacher_sharding="fsdp")], entry_point=ENTRY_POINT.is_file())
     return run, out
 
 
@@ -176,8 +176,7 @@ def test_fsdp_student_and_teacher_equal_one_process(ws, fsdp_run, tmp_path):
     run, out = fsdp_run
     assert "2 process(es), student fsdp, teacher fsdp" in out
     one = tmp_path / "one"
-    run_training(config(ws, batch_size=4, grad_accum=2, max_steps=3, checkpoint_every=2, loss__chunk_tokens=0), one,
-                 progress=False)
+    run_training(config(ws, batch_size=4, grad_accum=2, max_steps=3, checkpoint_every=2), one, progress=False)
     assert_same_params(run / "student", one / "student")
     assert_same_run(run, one)
 
@@ -236,8 +235,10 @@ def descendants(pid: int) -> list[int]:
 
 
 def test_killed_two_process_run_resumes_with_the_same_losses(ws, tmp_path):
-    # Dropout on: each rank's RNG state must come back for the losses to match.
-    args = overrides(ws, teacher="teacher_dropout", batch_size=2, max_steps=16, checkpoint_every=2)
+    # Dropout on: each rank's RNG state must come back for the losses to match. Full logits
+    # (loss.chunk_tokens=0): the other runs here use the fused loss.
+    args = overrides(ws, teacher="teacher_dropout", batch_size=2, max_steps=16, checkpoint_every=2,
+                     **{"loss.chunk_tokens": 0})
     reference = tmp_path / "reference"
     torchrun(["distill", "--out", str(reference), *args])
 
