@@ -213,6 +213,16 @@ def _reduce(values: dict[str, float], info: DistInfo, device: torch.device, how:
 # Wrapping the models
 
 
+def _fully_shard():
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:
+        raise ValueError(f"FSDP2 (train.distributed=fsdp, train.teacher_sharding=fsdp) needs torch >= 2.6, this is "
+                         f"{torch.__version__}; upgrade torch or use train.distributed=ddp and "
+                         f"train.teacher_sharding=replicate") from None
+    return fully_shard
+
+
 def _mesh(info: DistInfo, device: torch.device):
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -246,8 +256,7 @@ def wrap_student(objective: nn.Module, info: DistInfo, strategy: str, device: to
         params = inspect.signature(DistributedDataParallel).parameters
         no_sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
         return DistributedDataParallel(objective, device_ids=ids, **no_sync)
-    from torch.distributed.fsdp import fully_shard
-
+    fully_shard = _fully_shard()
     mesh = _mesh(info, device)
     for layer in layers:
         fully_shard(layer, mesh=mesh)
@@ -266,8 +275,7 @@ def shard_teacher(teacher: nn.Module, layers: nn.ModuleList | list[nn.Module], i
     """
     if not info.enabled:
         return teacher.to(device)
-    from torch.distributed.fsdp import fully_shard
-
+    fully_shard = _fully_shard()
     mesh = _mesh(info, device)
     for layer in layers:
         fully_shard(layer, mesh=mesh, reshard_after_forward=True)
@@ -282,8 +290,10 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6: no FSDP2, so nothing is sharded
+        return False
     return isinstance(model, FSDPModule)
 
 
@@ -303,11 +313,18 @@ def grad_sync(model: nn.Module, sync: bool):
     return contextlib.nullcontext()
 
 
+def _dtensor_type():
+    """The DTensor class (parameters sharded by FSDP2), or ``()`` on a torch without it."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return ()
+    return DTensor
+
+
 def local_value(t: torch.Tensor) -> torch.Tensor:
     """A plain tensor from a (replicated) DTensor such as FSDP2's gradient norm."""
-    from torch.distributed.tensor import DTensor
-
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return t.full_tensor() if isinstance(t, _dtensor_type()) else t
 
 
 # ---------------------------------------------------------------------------------------
@@ -329,8 +346,7 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, info: DistInfo) -> di
     """``optimizer.state_dict()`` with every sharded (DTensor) state tensor gathered in full, on
     rank 0 (None on the other ranks); every rank must call it. Keyed by parameter index as in
     one process, so the checkpoint resumes under any strategy and world size."""
-    from torch.distributed.tensor import DTensor
-
+    DTensor = _dtensor_type()
     state = optimizer.state_dict()
     gathered: dict[int, dict[str, Any]] = {}
     for index in sorted(state["state"]):  # the same order on every rank: the collectives pair up
@@ -350,18 +366,28 @@ def full_optimizer_state(optimizer: torch.optim.Optimizer, info: DistInfo) -> di
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
     """Load a full (index-keyed) optimizer state; state tensors of sharded parameters are cut
     into this rank's shard (each rank reads the same checkpoint, so no communication)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
+    DTensor = _dtensor_type()
     params = [p for group in optimizer.param_groups for p in group["params"]]
     if any(isinstance(p, DTensor) for p in params):
         sharded = {}
         for index, entry in state["state"].items():
             param = params[int(index)] if int(index) < len(params) else None
             if isinstance(param, DTensor):
-                entry = {key: distribute_tensor(value.to(param.device), param.device_mesh, param.placements,
-                                                src_data_rank=None)
+                entry = {key: _shard_like(value, param)
                          if torch.is_tensor(value) and tuple(value.shape) == tuple(param.shape) else value
                          for key, value in entry.items()}
             sharded[index] = entry
         state = {**state, "state": sharded}
     optimizer.load_state_dict(state)
+
+
+def _shard_like(full: torch.Tensor, param) -> torch.Tensor:
+    """This rank's shard of ``full``, placed like the DTensor ``param``."""
+    from torch.distributed.tensor import distribute_tensor
+
+    full = full.to(param.device)
+    try:
+        # Every rank holds the same full tensor (read from the checkpoint): cut, no communication.
+        return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
+    except TypeError:  # torch < 2.7: scattered from rank 0 instead, the same values
+        return distribute_tensor(full, param.device_mesh, param.placements)
