@@ -223,17 +223,24 @@ def test_fsdp_checkpoint_holds_full_state(fsdp_run, tmp_path):
 
 
 def descendants(pid: int) -> list[int]:
-    found = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
+    """Child processes of ``pid``, recursively (from /proc/*/stat: torchrun starts its workers in
+    sessions of their own, so killing its process group would leave them running)."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            children = [int(c) for c in (task / "children").read_text().split()]
+            fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        for child in children:
-            found += [child, *descendants(child)]
+        parents[int(stat.parent.name)] = int(fields[1])
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, parent in parents.items() if parent in frontier]
+        found += children
+        frontier = children
     return found
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="finds torchrun's workers through /proc")
 def test_killed_two_process_run_resumes_with_the_same_losses(ws, tmp_path):
     # Dropout on: each rank's RNG state must come back for the losses to match. Full logits
     # (loss.chunk_tokens=0): the other runs here use the fused loss.
