@@ -1,6 +1,6 @@
 """The embedded demo: distil the bundled SmolLM2-135M into a 15-layer student and compare.
 
-Steps: convert the teacher (once, cached) → cut the student (every other layer) → distil on
+Steps: convert the teacher (once, cached) → cut the student (the 15 most influential layers) → distil on
 the bundled corpora for a time budget → score teacher, initialised student and distilled
 student on each corpus's test split under one protocol → measure generation speed → show
 sample continuations → write ``results.json`` and ``report.md`` in the run directory.
@@ -26,6 +26,7 @@ from .evaluate.runner import evaluate_loaded
 from .evaluate.tasks import PerplexityTask
 from .generate import SamplingConfig, generate
 from .models import config_context_length, load_model, load_tokenizer, model_config
+from .student import resolve_strategy
 from .train import run_training
 
 RECIPE = "smollm2-demo"
@@ -59,7 +60,8 @@ def run_demo(out: Path, minutes: float = 10.0, eval_tokens: int = 32768, resume:
             raise ValueError(f"{out} already holds a demo run; continue it with lmdistill demo --resume --out {out} "
                              f"or choose another --out")
         config = load_config(RECIPE, [f"train.max_minutes={minutes}", *(overrides or [])])
-        print(f"[demo] teacher {config.model.teacher} -> {config.model.num_layers}-layer student ({config.model.strategy}); "
+        strategy = resolve_strategy(config.model.strategy, model_config(config.model.teacher))
+        print(f"[demo] teacher {config.model.teacher} -> {config.model.num_layers}-layer student ({strategy}); "
               f"{minutes:g} minutes of training on {torch.get_num_threads()} threads")
         summary = run_training(config, out)
     if not summary["finished"]:
