@@ -81,7 +81,7 @@ def test_distilgpt2_recipe():
 def test_smollm2_demo_recipe():
     c = load_config("smollm2-demo")
     assert c.model.teacher == "smollm2-135m"
-    assert c.model.num_layers == 15 and c.model.layers is None and c.model.strategy == "every-other"
+    assert c.model.num_layers == 15 and c.model.layers is None and c.model.strategy == "auto"
     assert c.train.max_minutes == 10 and c.train.max_steps is None
     assert c.train.lr == pytest.approx(1e-3)
     assert (c.loss.kl, c.loss.ce, c.loss.cos) == (5.0, 2.0, 1.0)
