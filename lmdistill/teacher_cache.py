@@ -77,7 +77,7 @@ from transformers import PreTrainedModel
 from .atomic import write_text_atomic
 from .data.errors import DataError
 from .data.prepare import PreparedData
-from .data.shards import shard_digest
+from .data.shards import read_header_bytes, shard_digest
 from .models import config_context_length, config_fingerprint, model_device, model_fingerprint
 
 __all__ = [
@@ -192,16 +192,7 @@ def _fail(path: Path, problem: str) -> TeacherCacheError:
 def read_header(path: Path) -> CacheHeader:
     """The verified header of one part file: magic, version, codes, geometry and exact size."""
     path = Path(path)
-    try:
-        with open(path, "rb") as fh:
-            raw = fh.read(HEADER_BYTES)
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise _fail(path, "file does not exist") from None
-    except OSError as err:
-        raise _fail(path, f"cannot be read ({err.strerror})") from None
-    if len(raw) < HEADER_BYTES:
-        raise _fail(path, f"only {len(raw)} bytes, shorter than the {HEADER_BYTES}-byte header")
+    raw, size = read_header_bytes(path, HEADER_BYTES, _fail)
     fields = _HEADER.unpack_from(raw)
     magic, version, k, value_code, index_code, n_t = fields[:6]
     vocab, block, total, start, count, part, parts = fields[6:13]

@@ -129,19 +129,28 @@ def write_shard(path: Path, tokens: np.ndarray, fingerprint: str, vocab_size: in
         writer.write(tokens)
 
 
+def read_header_bytes(path: Path, header_bytes: int, fail) -> tuple[bytes, int]:
+    """The first ``header_bytes`` of ``path`` and its size; ``fail(path, problem)`` makes the error.
+
+    Shared by every headed binary format here (token shards, teacher-cache parts).
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(header_bytes)
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise fail(path, "file does not exist") from None
+    except OSError as err:
+        raise fail(path, f"cannot be read ({err.strerror})") from None
+    if len(raw) < header_bytes:
+        raise fail(path, f"only {len(raw)} bytes, shorter than the {header_bytes}-byte header")
+    return raw, size
+
+
 def shard_info(path: Path) -> ShardHeader:
     """The verified header of a shard: magic, version, dtype code and exact file size."""
     path = Path(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(HEADER_BYTES)
-        size = path.stat().st_size
-    except FileNotFoundError:
-        raise _fail(path, "file does not exist") from None
-    except OSError as err:
-        raise _fail(path, f"cannot be read ({err.strerror})") from None
-    if len(raw) < HEADER_BYTES:
-        raise _fail(path, f"only {len(raw)} bytes, shorter than the {HEADER_BYTES}-byte header")
+    raw, size = read_header_bytes(path, HEADER_BYTES, _fail)
     magic, version, code, _, count, vocab, fp = _HEADER.unpack_from(raw)
     if magic != SHARD_MAGIC:
         raise _fail(path, f"bad magic number {magic} (expected {SHARD_MAGIC}); not an lmdistill shard")
