@@ -11,6 +11,10 @@ states (``hidden @ weight.T + bias``), the chunk's KL and CE values, and, in the
 the chunk's gradient with respect to the student's hidden states, lm_head weight and bias
 (the approach of Liger-Kernel's fused linear cross-entropy / fused linear JSD, in plain torch).
 Only those gradients (``batch*seq x dim`` and ``vocab x dim``, both small) outlive the chunk.
+The teacher side is either its last hidden states and lm_head (live distillation) or stored
+sparse targets (``teacher_targets``, a teacher cache's top-k logits with the tail as a bucket
+or as samples): the KL is then :func:`lmdistill.sparse_kl.sparse_kl_divergence`, and its
+gradient ``T * (softmax(s/T) * mass - p~)`` is formed the same way (see ``_SparseChunk``).
 
 Conventions are those of :mod:`lmdistill.losses`: labels already shifted, ``mask`` bool or 0/1
 ``(batch, seq)``, ``reduction`` ``"mean"`` over counted positions (KL counts masked-in
@@ -50,6 +54,7 @@ import torch
 from torch import Tensor
 
 from lmdistill.losses import LossOutput, _as_mask, _check_reduction, _compute_dtype, _reduce
+from lmdistill.sparse_kl import SparseTargets, check_sparse_targets
 
 __all__ = ["DEFAULT_CHUNK_TOKENS", "chunked_logit_losses"]
 
@@ -77,6 +82,7 @@ def chunked_logit_losses(
     chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
     ignore_index: int = -100,
     matmul_dtype: torch.dtype | None = None,
+    teacher_targets: SparseTargets | None = None,
 ) -> LossOutput:
     """KL(teacher || student) and causal-LM CE computed chunk by chunk from hidden states.
 
@@ -101,6 +107,10 @@ def chunked_logit_losses(
         student_head_bias, teacher_head_bias: optional ``(vocab,)`` lm_head biases.
         chunk_tokens: positions per chunk (>= 1).
         ignore_index: label value that CE skips.
+        teacher_targets: stored sparse teacher targets (:class:`~lmdistill.sparse_kl.SparseTargets`,
+            e.g. a teacher cache's) instead of ``teacher_hidden`` / ``teacher_head_weight``: the
+            KL term is then :func:`~lmdistill.sparse_kl.sparse_kl_divergence` against them (top-k
+            plus tail bucket, or plus tail samples), with the same fused gradient.
         matmul_dtype: dtype of the vocab-sized matmuls (student and teacher logits, and the
             two backward products). None (default) = the compute dtype (float32, or float64
             when an input is float64); bf16 head weights are then upcast once per call (one
@@ -136,7 +146,15 @@ def chunked_logit_losses(
             f"labels must have shape (batch, seq) = {tuple(batch_seq)}, got {tuple(labels.shape)}; "
             "shift hidden states and labels before calling"
         )
-    if use_kl:
+    sparse = teacher_targets is not None
+    if sparse:
+        if teacher_hidden is not None or teacher_head_weight is not None:
+            raise ValueError("pass either teacher_targets or teacher_hidden / teacher_head_weight, not both")
+        if use_kl:
+            check_sparse_targets(teacher_targets, batch_seq, vocab)
+            if not (math.isfinite(temperature) and temperature > 0):
+                raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    elif use_kl:
         if teacher_hidden is None or teacher_head_weight is None:
             raise ValueError(
                 f"kl_weight is {kl_weight} but teacher_hidden or teacher_head_weight is None; "
@@ -155,7 +173,7 @@ def chunked_logit_losses(
             )
         if not (math.isfinite(temperature) and temperature > 0):
             raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    else:
+    if not use_kl or sparse:
         teacher_hidden = teacher_head_weight = teacher_head_bias = None
 
     valid_kl = _as_mask(mask, batch_seq)
@@ -167,6 +185,8 @@ def chunked_logit_losses(
         [student_head_bias] if student_head_bias is not None else []
     )
     teacher_inputs = [t for t in (teacher_hidden, teacher_head_weight, teacher_head_bias) if t is not None]
+    if sparse and use_kl:
+        teacher_inputs.append(teacher_targets.values)
     compute_dtype = _compute_dtype(*student_inputs, *teacher_inputs)
     spec = _Spec(
         use_kl=use_kl, use_ce=use_ce, kl_weight=float(kl_weight), ce_weight=float(ce_weight),
@@ -174,7 +194,9 @@ def chunked_logit_losses(
         compute_dtype=compute_dtype, matmul_dtype=matmul_dtype or compute_dtype,
     )
     teacher = None
-    if use_kl:
+    if use_kl and sparse:
+        teacher = teacher_targets.detach()
+    elif use_kl:
         teacher = (teacher_hidden.detach(), teacher_head_weight.detach(),
                    None if teacher_head_bias is None else teacher_head_bias.detach())
 
@@ -286,7 +308,13 @@ def _forward(spec, hidden, weight, bias, teacher, labels, valid_kl, valid_ce, gr
 
     w_mm = weight.to(mdt)
     b_c = None if bias is None else bias.to(cdt)
-    if spec.use_kl:
+    sparse = isinstance(teacher, SparseTargets)
+    if spec.use_kl and sparse:
+        flat = lambda x: None if x is None else take(x.reshape(n, x.shape[-1]))  # noqa: E731
+        t_vals, t_idx, t_tail_idx, t_tail_vals = (flat(teacher.values), flat(teacher.indices),
+                                                  flat(teacher.tail_indices), flat(teacher.tail_values))
+        t_lse = take(teacher.lse.reshape(n))
+    elif spec.use_kl:
         t_hidden, t_weight, t_bias = teacher
         t_h = take(t_hidden.reshape(n, t_hidden.shape[2]))
         tw_mm = t_weight.to(mdt)
@@ -337,6 +365,14 @@ def _forward(spec, hidden, weight, bias, teacher, labels, valid_kl, valid_ce, gr
                     s.div_(T)
                 log_q = torch.log_softmax(s, -1, out=pool.take(k))
             pool.release(s)
+        if spec.use_kl and sparse:
+            rows_kl = slice(start, stop)
+            sparse_kl = _sparse_chunk(log_q, t_vals[rows_kl], t_idx[rows_kl], t_lse[rows_kl],
+                                      None if t_tail_idx is None else t_tail_idx[rows_kl],
+                                      None if t_tail_vals is None else t_tail_vals[rows_kl], T, cdt, pool,
+                                      want_tail_weights=grads is not None)
+            kl_pos[at] = sparse_kl.kl * T2
+        elif spec.use_kl:
             t = logits(t_h[start:stop].to(mdt), tw_mm, tb_c)  # teacher logits
             if T != 1.0:
                 t.div_(T)
@@ -352,7 +388,18 @@ def _forward(spec, hidden, weight, bias, teacher, labels, valid_kl, valid_ce, gr
         if grads is not None:
             # Gradient of total w.r.t. the chunk's student logits, rows scaled by their
             # coefficients: coef_kl * (softmax(s/T) - p) + coef_ce * (softmax(s) - onehot(y)).
-            if spec.use_kl:
+            if spec.use_kl and sparse:
+                # Sparse teacher: coef_kl * (softmax(s/T) * mass - p~) (see _sparse_chunk).
+                c_kl = coef_kl[start:stop, None]
+                q_scale = c_kl * sparse_kl.mass.unsqueeze(1)
+                if log_q is log_sm:  # T == 1: the CE term shares the softmax
+                    g = log_sm.exp_().mul_(q_scale + coef_ce[start:stop, None])
+                else:
+                    g = log_q.exp_().mul_(q_scale)
+                    if log_sm is not None:
+                        g.addcmul_(log_sm.exp_(), coef_ce[start:stop, None])
+                sparse_kl.subtract_teacher(g, c_kl)
+            elif spec.use_kl:
                 c_kl = coef_kl[start:stop, None]
                 if log_q is log_sm:  # T == 1: (c_kl + c_ce) softmax(s) - c_kl p - c_ce onehot
                     g = log_sm.exp_().mul_(c_kl + coef_ce[start:stop, None]).addcmul_(p, c_kl, value=-1)
@@ -394,6 +441,62 @@ def _forward(spec, hidden, weight, bias, teacher, labels, valid_kl, valid_ce, gr
                 full.index_copy_(0, rows, grad_h)
                 out["hidden"] = full.view(batch, seq, dim)
     return kl, ce, out
+
+
+@dataclass
+class _SparseChunk:
+    """One chunk's sparse KL (before ``* T**2``) and what its gradient needs."""
+
+    kl: Tensor
+    """``(k,)`` per-position KL."""
+    mass: Tensor
+    """``(k,)`` teacher mass the gradient's ``softmax(s/T)`` term is scaled by: ``sum p_i + p_tail``."""
+    p: Tensor
+    """``(k, K)`` teacher probabilities of the kept ids."""
+    ids: Tensor
+    p_tail: Tensor
+    tail_ids: Tensor | None
+    """``(k, S)`` sampled tail ids, each carrying ``p_tail / S``; None = tail bucket."""
+    tail_weights: Tensor | None
+    """Bucket only, when gradients are wanted: ``(k, V)`` ``q_j / q_tail`` on tail ids, 0 on kept ids."""
+
+    def subtract_teacher(self, g: Tensor, c_kl: Tensor) -> None:
+        """``g -= c_kl * p~``: ``p_i`` on kept ids, the tail mass spread over the tail (by the
+        samples, or in proportion to the student's tail for the bucket)."""
+        g.scatter_add_(1, self.ids, self.p * -c_kl)
+        if self.tail_ids is not None:
+            share = (self.p_tail / self.tail_ids.shape[1]).unsqueeze(1) * -c_kl
+            g.scatter_add_(1, self.tail_ids, share.expand_as(self.tail_ids))
+        elif self.tail_weights is not None:
+            g.addcmul_(self.tail_weights, self.p_tail.unsqueeze(1) * c_kl, value=-1)
+
+
+def _sparse_chunk(log_q: Tensor, values: Tensor, ids: Tensor, lse: Tensor, tail_ids: Tensor | None,
+                  tail_values: Tensor | None, T: float, cdt: torch.dtype, pool: _Pool,
+                  want_tail_weights: bool) -> _SparseChunk:
+    """The sparse KL of a chunk (:func:`lmdistill.sparse_kl.sparse_kl_divergence`'s formulas)
+    from the student's log-softmax at ``T`` and the stored targets of its rows."""
+    ids = ids.long()
+    log_p = values.to(cdt) / T - lse.to(cdt).unsqueeze(1)
+    p = log_p.exp()
+    kl = torch.where(p > 0, p * (log_p - log_q.gather(1, ids)), 0.0).sum(dim=1)
+    p_tail = (1.0 - p.sum(dim=1)).clamp(min=0.0)
+    tail_weights = None
+    if tail_ids is not None:
+        tail_ids = tail_ids.long()
+        log_p_tail = tail_values.to(cdt) / T - lse.to(cdt).unsqueeze(1)
+        kl = kl + p_tail * (log_p_tail - log_q.gather(1, tail_ids)).mean(dim=1)
+    elif ids.shape[1] < log_q.shape[1]:  # k == vocab: no tail
+        rest = pool.take(log_q.shape[0]).copy_(log_q).scatter_(1, ids, float("-inf"))
+        log_q_tail = torch.logsumexp(rest, dim=1)
+        # where: an empty teacher tail adds 0, even if the student's is empty too (0 * -inf).
+        kl = kl + torch.where(p_tail > 0, torch.xlogy(p_tail, p_tail) - p_tail * log_q_tail, 0.0)
+        if want_tail_weights:  # q_j / q_tail on tail ids; exp(-inf) = 0 on kept ids
+            finite = torch.where(torch.isfinite(log_q_tail), log_q_tail, 0.0)
+            tail_weights = rest.sub_(finite.unsqueeze(1)).exp_()
+        else:
+            pool.release(rest)
+    return _SparseChunk(kl, p.sum(dim=1) + p_tail, p, ids, p_tail, tail_ids, tail_weights)
 
 
 class _Pool:

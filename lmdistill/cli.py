@@ -23,6 +23,10 @@ from pathlib import Path
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+# cache-teacher's tail samples per position and temperature: 64 ids make the gradient of the
+# sparse KL point the way the full KL's does (docs/teacher_cache.md, "Tail samples").
+DEFAULT_TAIL_SAMPLES = 64
+
 
 def _parse_layers(text: str) -> list[int]:
     try:
@@ -122,6 +126,11 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     if args.block_size < 1 or (context is not None and args.block_size > context):
         raise ValueError(f"--block-size {args.block_size} must be between 1 and the teacher's context of {context} "
                          f"tokens (use the data.block_size the distill run will use)")
+    tail_samples = args.tail_samples
+    if tail_samples is None:  # no tail when every logit is kept
+        tail_samples = 0 if vocab is not None and args.top_k >= vocab else DEFAULT_TAIL_SAMPLES
+    if tail_samples < 0:
+        raise ValueError(f"--tail-samples must be 0 (tail bucket only) or more, got {tail_samples}")
     tokenizer = load_tokenizer(args.teacher)
     fingerprint = tokenizer_fingerprint(tokenizer)
     folder = Path(args.data[0])
@@ -139,7 +148,7 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     result = build_teacher_cache(
         teacher, data, Path(args.out), top_k=args.top_k, temperatures=args.temperatures, block_size=args.block_size,
         tokenizer_fingerprint=fingerprint, split=args.split, value_dtype=args.dtype, batch_size=args.batch_size,
-        rank=args.rank, world_size=args.world_size)
+        rank=args.rank, world_size=args.world_size, tail_samples=tail_samples)
     resumed = f" (continued from block {result.resumed_from:,})" if 0 < result.resumed_from < result.blocks_total else ""
     print(f"wrote {result.path}: {result.blocks_total:,} blocks{resumed}")
     try:
@@ -305,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", choices=["train", "validation", "test"],
                    help="split to cache (distill reads train)")
     p.add_argument("--batch-size", type=int, default=8, help="blocks per teacher forward (and per resumable chunk)")
+    p.add_argument("--tail-samples", type=int, default=None,
+                   help=f"ids drawn per position from the teacher's distribution outside its top-k, at each temperature, "
+                        f"so that the tail's gradient is unbiased (default {DEFAULT_TAIL_SAMPLES}; 0 keeps only the tail "
+                        f"bucket; see docs/teacher_cache.md)")
     p.add_argument("--dtype", default="fp16", choices=["fp16", "bf16"], help="storage of the top-k logits")
     p.add_argument("--rank", type=int, default=0, help="this process's part (0..world-size-1)")
     p.add_argument("--world-size", type=int, default=1, help="processes sharing the work, each writing its own part")

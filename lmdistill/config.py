@@ -264,7 +264,7 @@ def check_teacher_cache_settings(config: RunConfig) -> None:
            f"a teacher cache stores logits, not hidden states, so {', '.join(hidden)} cannot be computed from it; "
            f"set {', '.join(f'{name}=0' for name in hidden)}, or train with the live teacher (model.teacher_cache=null)")
     _check(loss.divergence == "forward_kl", "model.teacher_cache",
-           f"the stored top-k logits give the forward KL only (with a tail bucket), not loss.divergence="
+           f"the stored top-k logits and tail samples give the forward KL only, not loss.divergence="
            f"{loss.divergence}; set loss.divergence=forward_kl, or train with the live teacher")
     _check(loss.kl > 0, "model.teacher_cache",
            "loss.kl is 0, so the cache would never be read; set loss.kl > 0 or model.teacher_cache=null")

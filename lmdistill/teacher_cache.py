@@ -41,11 +41,23 @@ is a 1024-byte little-endian header, then one record per position of the part::
     328     64 B        tokenizer fingerprint, sha256 hex
     392     64 B        token-shard fingerprint (sha256 of the split's .bin file)
     456     16 B        split name, ascii, zero-padded
+    472     int32       tail samples per position and temperature S (0 = none)
     (zeros up to 1024)
 
-    record: values   k x 16-bit    (logit - max), descending
-            indices  k x uint16/int32
-            lse      n_T x float32 (logsumexp((logit - max) / T) at each temperature)
+    record: values       k x 16-bit        (logit - max), descending
+            indices      k x uint16/int32
+            lse          n_T x float32     (logsumexp((logit - max) / T) at each temperature)
+            tail_ids     n_T x S x uint16/int32  (only when S > 0)
+            tail_values  n_T x S x 16-bit        (logit - max of those ids)
+
+Tail samples. At ``T = 2`` a 49,152-token teacher puts most of its mass outside its top 64
+(77% on average for SmolLM2-135M on the bundled corpora), and the tail bucket alone says
+nothing about how that mass is spread, so the gradient of the sparse KL points well away
+from the full KL's (cosine 0.56 on a real batch). ``S`` ids drawn with replacement from the
+teacher's distribution at ``T`` restricted to the tail (the top-k ids excluded) make the
+tail part of the gradient unbiased (see :mod:`lmdistill.sparse_kl`). Each block draws from
+its own generator, seeded by its block index and the temperature's position, so a cache's
+bytes do not depend on the batch size, the number of parts or a resumption.
 
 Every open checks each header (magic, version, codes, geometry) and the exact file size,
 and that all parts agree and are all present; a part still being written has the suffix
@@ -79,6 +91,7 @@ from .data.errors import DataError
 from .data.prepare import PreparedData
 from .data.shards import read_header_bytes, shard_digest
 from .models import config_context_length, config_fingerprint, model_device, model_fingerprint
+from .sparse_kl import SparseTargets
 
 __all__ = [
     "CACHE_MAGIC",
@@ -95,10 +108,11 @@ __all__ = [
 ]
 
 CACHE_MAGIC = 20251201
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 HEADER_BYTES = 1024
 MAX_TEMPERATURES = 16
-_HEADER = struct.Struct("<iiiiiiqqqqqii16d64s64s64s64s16s")
+_HEADER = struct.Struct("<iiiiiiqqqqqii16d64s64s64s64s16si")
+MAX_TAIL_SAMPLES = 4096
 _VALUE_CODES = {1: "fp16", 2: "bf16"}
 _VALUE_TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16}
 _INDEX_DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<i4")}
@@ -150,12 +164,17 @@ class CacheHeader:
     tokenizer_fingerprint: str
     data_fingerprint: str
     split: str
+    tail_samples: int = 0
 
     @property
     def record_dtype(self) -> np.dtype:
-        """One position: ``values`` (raw 16-bit), ``indices``, ``lse`` (float32 per temperature)."""
-        return np.dtype([("values", "<u2", (self.k,)), ("indices", _INDEX_DTYPES[self.index_code], (self.k,)),
-                         ("lse", "<f4", (len(self.temperatures),))])
+        """One position: ``values`` (raw 16-bit), ``indices``, ``lse`` (float32 per temperature),
+        and with tail samples ``tail_ids`` and ``tail_values`` (per temperature)."""
+        n_t, index = len(self.temperatures), _INDEX_DTYPES[self.index_code]
+        fields = [("values", "<u2", (self.k,)), ("indices", index, (self.k,)), ("lse", "<f4", (n_t,))]
+        if self.tail_samples:
+            fields += [("tail_ids", index, (n_t, self.tail_samples)), ("tail_values", "<u2", (n_t, self.tail_samples))]
+        return np.dtype(fields)
 
     @property
     def num_blocks(self) -> int:
@@ -177,7 +196,7 @@ class CacheHeader:
             self.vocab_size, self.block_size, self.total_positions, self.part_start, self.part_positions,
             self.part, self.parts, *temps, self.teacher_fingerprint.encode("ascii"),
             self.teacher_config_fingerprint.encode("ascii"), self.tokenizer_fingerprint.encode("ascii"),
-            self.data_fingerprint.encode("ascii"), self.split.encode("ascii"),
+            self.data_fingerprint.encode("ascii"), self.split.encode("ascii"), self.tail_samples,
         )
         return head.ljust(HEADER_BYTES, b"\0")
 
@@ -198,7 +217,7 @@ def read_header(path: Path) -> CacheHeader:
     vocab, block, total, start, count, part, parts = fields[6:13]
     temps = fields[13 : 13 + MAX_TEMPERATURES]
     fps = fields[13 + MAX_TEMPERATURES : 17 + MAX_TEMPERATURES]
-    split_raw = fields[17 + MAX_TEMPERATURES]
+    split_raw, tail_samples = fields[17 + MAX_TEMPERATURES : 19 + MAX_TEMPERATURES]
     if magic != CACHE_MAGIC:
         raise _fail(path, f"bad magic number {magic} (expected {CACHE_MAGIC}); not an lmdistill teacher cache")
     if version != CACHE_VERSION:
@@ -210,6 +229,8 @@ def read_header(path: Path) -> CacheHeader:
     if not (1 <= k <= vocab and block >= 1 and total >= 0 and total % block == 0 and 1 <= parts and 0 <= part < parts):
         raise _fail(path, f"inconsistent header (k={k}, vocab={vocab}, block={block}, positions={total}, "
                           f"part {part} of {parts})")
+    if not 0 <= tail_samples <= MAX_TAIL_SAMPLES or (tail_samples and k == vocab):
+        raise _fail(path, f"bad tail sample count {tail_samples} (k={k}, vocab={vocab})")
     if index_code == 2 and vocab > 2**16:
         raise _fail(path, f"uint16 indices for a vocabulary of {vocab}")
     first, end = part_blocks(total // block, part, parts)
@@ -222,7 +243,7 @@ def read_header(path: Path) -> CacheHeader:
     except UnicodeDecodeError:
         raise _fail(path, "fingerprints or split name are not ascii") from None
     header = CacheHeader(k, _VALUE_CODES[value_code], index_code, vocab, block, total, start, count, part, parts,
-                         tuple(temps[:n_t]), teacher_fp, config_fp, tokenizer_fp, data_fp, split)
+                         tuple(temps[:n_t]), teacher_fp, config_fp, tokenizer_fp, data_fp, split, tail_samples)
     if size != header.file_bytes:
         state = "truncated" if size < header.file_bytes else "padded"
         raise _fail(path, f"{state}: {size} bytes on disk, header says {count} positions of "
@@ -234,20 +255,8 @@ def read_header(path: Path) -> CacheHeader:
 # Reading
 
 
-@dataclass
-class TeacherTargets:
-    """Stored teacher targets for a batch of blocks, at one temperature."""
-
-    values: torch.Tensor
-    """``(batch, block, k)`` float16/bfloat16: logits minus the position's largest logit."""
-    indices: torch.Tensor
-    """``(batch, block, k)`` int64 token ids."""
-    lse: torch.Tensor
-    """``(batch, block)`` float32: ``logsumexp((logits - max) / T)`` over the vocabulary."""
-    temperature: float
-
-    def to(self, device: torch.device | str) -> TeacherTargets:
-        return TeacherTargets(self.values.to(device), self.indices.to(device), self.lse.to(device), self.temperature)
+# A batch of stored targets at one temperature; the loss side's type (lmdistill.sparse_kl).
+TeacherTargets = SparseTargets
 
 
 def _same_temperature(a: float, b: float) -> bool:
@@ -332,7 +341,7 @@ class TeacherCache:
         h = self.header
         return (f"{self.root}: split {h.split}, {h.num_blocks:,} blocks of {h.block_size} = {h.total_positions:,} "
                 f"positions, top-{h.k} logits ({h.value_dtype}) of a {h.vocab_size:,}-token vocabulary, "
-                f"temperatures {_temperatures_text(h.temperatures)}, {h.parts} part(s)")
+                f"{h.tail_samples} tail samples, temperatures {_temperatures_text(h.temperatures)}, {h.parts} part(s)")
 
     # -- checks ------------------------------------------------------------------------
     def check(self, *, block_size: int | None = None, temperature: float | None = None,
@@ -405,10 +414,16 @@ class TeacherCache:
         self.check(temperature=temperature)
         t_index = next(i for i, t in enumerate(self.temperatures) if _same_temperature(temperature, t))
         rec = self.records(blocks)
-        values = torch.from_numpy(np.ascontiguousarray(rec["values"]).view(np.int16)).view(_VALUE_TORCH[self.header.value_dtype])
+        value_type = _VALUE_TORCH[self.header.value_dtype]
+        values = torch.from_numpy(np.ascontiguousarray(rec["values"]).view(np.int16)).view(value_type)
         indices = torch.from_numpy(rec["indices"].astype(np.int64))
         lse = torch.from_numpy(np.ascontiguousarray(rec["lse"][..., t_index]))
-        return TeacherTargets(values, indices, lse, float(self.temperatures[t_index]))
+        tail_indices = tail_values = None
+        if self.header.tail_samples:
+            tail_indices = torch.from_numpy(rec["tail_ids"][..., t_index, :].astype(np.int64))
+            tail_values = torch.from_numpy(np.ascontiguousarray(rec["tail_values"][..., t_index, :]).view(np.int16)).view(value_type)
+        return TeacherTargets(values, indices, lse, temperature=float(self.temperatures[t_index]),
+                              tail_indices=tail_indices, tail_values=tail_values)
 
 
 # ---------------------------------------------------------------------------------------
@@ -470,29 +485,57 @@ def _check_existing(out_dir: Path, header: CacheHeader) -> None:
 
 
 def _settings_difference(a: CacheHeader, b: CacheHeader) -> str:
-    names = ("k", "value_dtype", "vocab_size", "block_size", "total_positions", "temperatures",
+    names = ("k", "tail_samples", "value_dtype", "vocab_size", "block_size", "total_positions", "temperatures",
              "teacher_fingerprint", "teacher_config_fingerprint", "tokenizer_fingerprint", "data_fingerprint")
     diffs = [f"{n} {getattr(a, n)} vs {getattr(b, n)}" if "fingerprint" not in n else f"another {n.replace('_fingerprint', '')}"
              for n in names if getattr(a, n) != getattr(b, n)]
     return "; ".join(diffs) or "header differs"
 
 
+def _words(values: torch.Tensor, value_dtype: str) -> np.ndarray:
+    """Logits as the raw 16-bit words the file stores."""
+    return values.to(_VALUE_TORCH[value_dtype]).view(torch.int16).cpu().numpy().view("<u2")
+
+
+def sample_tail(shifted: torch.Tensor, top_ids: torch.Tensor, temperature: float, samples: int,
+                generator: torch.Generator) -> torch.Tensor:
+    """``samples`` ids per row of ``shifted`` ``(rows, vocab)`` logits, drawn with replacement from
+    ``softmax(shifted / temperature)`` with the ``top_ids`` ``(rows, k)`` excluded."""
+    probs = torch.softmax(shifted / temperature, dim=-1).scatter_(-1, top_ids, 0.0)
+    # A tail with no mass in float32 (a very sure teacher): any tail id will do, its weight is 0.
+    empty = probs.sum(dim=-1) <= 0
+    if bool(empty.any()):
+        probs[empty] = torch.ones_like(probs[empty]).scatter_(-1, top_ids[empty], 0.0)
+    return torch.multinomial(probs, samples, replacement=True, generator=generator)
+
+
 @torch.no_grad()
 def teacher_records(teacher: PreTrainedModel, input_ids: torch.Tensor, k: int, temperatures: Sequence[float],
-                    record_dtype: np.dtype, value_dtype: str) -> np.ndarray:
-    """The records of a batch of blocks ``(n, B)``: ``(n * B,)`` of ``record_dtype``."""
+                    record_dtype: np.dtype, value_dtype: str, tail_samples: int = 0, first_block: int = 0) -> np.ndarray:
+    """The records of a batch of blocks ``(n, B)``: ``(n * B,)`` of ``record_dtype``. Row ``r`` of
+    ``input_ids`` is block ``first_block + r`` (it seeds that block's tail samples)."""
     logits = teacher(input_ids=input_ids.to(model_device(teacher))).logits.float()
     if not torch.isfinite(logits).any(dim=-1).all() or torch.isnan(logits).any():
         raise FloatingPointError("the teacher produced NaN logits (or no finite logit at a position); check its weights")
     top, idx = logits.topk(k, dim=-1)  # sorted, largest first
     peak = top[..., :1]
-    values = (top - peak).to(_VALUE_TORCH[value_dtype])
     shifted = logits - peak
     lse = torch.stack([torch.logsumexp(shifted / t, dim=-1) for t in temperatures], dim=-1)
-    rec = np.empty(values.shape[0] * values.shape[1], dtype=record_dtype)
-    rec["values"] = values.view(torch.int16).reshape(-1, k).cpu().numpy().view("<u2")
+    rec = np.empty(top.shape[0] * top.shape[1], dtype=record_dtype)
+    rec["values"] = _words(top - peak, value_dtype).reshape(-1, k)
     rec["indices"] = idx.reshape(-1, k).cpu().numpy()
     rec["lse"] = lse.reshape(-1, len(temperatures)).cpu().numpy()
+    if tail_samples:
+        n_t = len(temperatures)
+        ids = torch.empty(*top.shape[:2], n_t, tail_samples, dtype=torch.long, device=logits.device)
+        generator = torch.Generator(device=logits.device)
+        for row in range(input_ids.shape[0]):
+            for t_index, temperature in enumerate(temperatures):
+                generator.manual_seed((first_block + row) * MAX_TEMPERATURES + t_index)
+                ids[row, :, t_index] = sample_tail(shifted[row], idx[row], temperature, tail_samples, generator)
+        rec["tail_ids"] = ids.reshape(-1, n_t, tail_samples).cpu().numpy()
+        rec["tail_values"] = _words(shifted.unsqueeze(2).expand(-1, -1, n_t, -1).gather(-1, ids), value_dtype).reshape(
+            -1, n_t, tail_samples)
     return rec
 
 
@@ -505,6 +548,7 @@ def build_teacher_cache(
     temperatures: Sequence[float],
     block_size: int,
     tokenizer_fingerprint: str,
+    tail_samples: int = 0,
     split: str = "train",
     value_dtype: str = "fp16",
     batch_size: int = 8,
@@ -532,6 +576,10 @@ def build_teacher_cache(
         else teacher.config.vocab_size
     if not 1 <= top_k <= vocab:
         raise ValueError(f"top-k must be between 1 and the teacher's vocabulary of {vocab:,}, got {top_k}")
+    if isinstance(tail_samples, bool) or not 0 <= tail_samples <= MAX_TAIL_SAMPLES:
+        raise ValueError(f"tail samples must be between 0 and {MAX_TAIL_SAMPLES}, got {tail_samples}")
+    if tail_samples and top_k == vocab:
+        raise ValueError(f"top-k {top_k} keeps the whole vocabulary: there is no tail to sample; use --tail-samples 0")
     context = config_context_length(teacher.config)
     if block_size < 1 or (context is not None and block_size > context):
         raise ValueError(f"block size {block_size} must be between 1 and the teacher's context of {context} tokens")
@@ -550,7 +598,7 @@ def build_teacher_cache(
         part_positions=(end - first) * block_size, part=rank, parts=world_size, temperatures=temps,
         teacher_fingerprint=teacher_fingerprint or model_fingerprint(teacher),
         teacher_config_fingerprint=config_fingerprint(teacher.config), tokenizer_fingerprint=tokenizer_fingerprint,
-        data_fingerprint=data_fingerprint(data, split), split=split,
+        data_fingerprint=data_fingerprint(data, split), split=split, tail_samples=tail_samples,
     )
     out_dir.mkdir(parents=True, exist_ok=True)
     _check_existing(out_dir, header)
@@ -592,7 +640,7 @@ def build_teacher_cache(
             starts = (first + done + np.arange(count)) * block_size
             window = np.asarray(tokens)[starts[:, None] + np.arange(block_size)]
             rec = teacher_records(teacher, torch.from_numpy(window.astype(np.int64)), top_k, temps,
-                                  header.record_dtype, value_dtype)
+                                  header.record_dtype, value_dtype, tail_samples, first + done)
             os.pwrite(fd, rec.tobytes(), HEADER_BYTES + done * block_size * record_size)
             os.fsync(fd)
             done += count

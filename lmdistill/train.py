@@ -417,9 +417,6 @@ def fused_chunk_tokens(config: RunConfig, teacher: PreTrainedModel | None, stude
     c = config.loss
     if c.chunk_tokens == 0 or (c.kl == 0 and c.ce == 0):
         return 0
-    if config.model.teacher_cache is not None:
-        print("[lmdistill] teacher cache: the sparse KL needs the student's full logits (loss.chunk_tokens ignored)")
-        return 0
     reason = None
     if c.divergence != "forward_kl" and c.kl > 0:
         reason = f"loss.divergence={c.divergence} has no fused path (forward_kl only)"
@@ -547,11 +544,20 @@ class StudentObjective(nn.Module):
 
     def _cached_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, cached: TeacherTargets):
         """The sparse KL against stored teacher targets (logged as ``kl``) plus the terms that
-        need no teacher (CE)."""
+        need no teacher (CE), through the fused lm_head loss when ``chunk_tokens > 0``."""
         weights = self.weights
+        if self.chunk_tokens > 0:  # the config refuses hidden-state terms with a cache: KL and CE are all
+            _, states = forward_model(self.student, input_ids, False, fused=True)
+            head = self.student.get_output_embeddings()
+            out = chunked_logit_losses(
+                states[-1], head.weight, None, None, labels, kl_weight=weights.kl, ce_weight=weights.ce,
+                temperature=weights.temperature, reduction="sum", student_head_bias=head.bias,
+                chunk_tokens=self.chunk_tokens, matmul_dtype=self.matmul_dtype, teacher_targets=cached)
+            return out.total, dict(out.terms)
         student_logits = self.student(input_ids=input_ids).logits
         kl = sparse_kl_divergence(student_logits, cached.values, cached.indices, cached.lse,
-                                  temperature=weights.temperature, reduction="sum")
+                                  temperature=weights.temperature, reduction="sum",
+                                  tail_indices=cached.tail_indices, tail_values=cached.tail_values)
         total, terms = weights.kl * kl, {"kl": kl}
         rest = dataclasses.replace(weights, kl=0.0) if any(t != "kl" for t in weights.active_terms()) else None
         if rest is not None:  # teacher-free terms only: the config refuses hidden-state terms with a cache

@@ -21,6 +21,7 @@ from lmdistill.losses import kl_divergence
 from lmdistill.models import load_model, model_fingerprint, tokenizer_fingerprint
 from lmdistill.sparse_kl import sparse_kl_divergence
 from lmdistill.teacher_cache import (
+    CACHE_VERSION,
     HEADER_BYTES,
     TeacherCache,
     TeacherCacheError,
@@ -67,7 +68,7 @@ def ws(tmp_path_factory, gpt2_tokenizer, one_thread):
 
 def build(ws, out: Path, **kw):
     args = dict(top_k=16, temperatures=TEMPS, block_size=B, tokenizer_fingerprint=ws["fp"], batch_size=4,
-                progress=False)
+                progress=False, tail_samples=8)
     return build_teacher_cache(ws["teacher"], ws["data"], out, **{**args, **kw})
 
 
@@ -107,6 +108,10 @@ def test_round_trip_matches_the_teachers_logits_on_the_samplers_blocks(ws):
         # So exp(v / T - lse) is the teacher's probability at T, up to the fp16 rounding of v.
         probs = torch.softmax(logits / T, dim=-1).gather(-1, idx)
         assert torch.allclose((got.values.float() / T - got.lse.unsqueeze(-1)).exp(), probs, rtol=2e-3, atol=1e-7)
+        # Tail samples: 8 ids per position from outside the top-k, with their shifted logits.
+        assert got.tail_indices.shape == (len(blocks), B, 8) and got.tail_values.dtype == torch.float16
+        assert not (got.tail_indices.unsqueeze(-1) == idx.unsqueeze(-2)).any()
+        assert torch.equal(got.tail_values, (logits - peak).gather(-1, got.tail_indices).half())
     # Any order of blocks, as the sampler draws them, from raw records too.
     picked = np.array([5, 0, cache.num_blocks - 1])
     assert torch.equal(cache.targets(picked, 2.0).indices, idx[picked])
@@ -114,7 +119,7 @@ def test_round_trip_matches_the_teachers_logits_on_the_samplers_blocks(ws):
     assert raw.shape == (3, B) and raw["indices"].dtype == np.dtype("<u2")  # the vocabulary fits uint16
     # The header's first fields, as documented.
     magic, version, k, value_code, index_code, n_t = struct.unpack_from("<6i", (ws["cache"] / part_name("train", 0, 1)).read_bytes())
-    assert (k, value_code, index_code, n_t, version) == (16, 1, 2, 2, 1)
+    assert (k, value_code, index_code, n_t, version) == (16, 1, 2, 2, CACHE_VERSION)
 
 
 def test_bf16_values_and_int32_indices(ws, gpt2_tokenizer, tmp_path):
@@ -133,9 +138,10 @@ def test_bf16_values_and_int32_indices(ws, gpt2_tokenizer, tmp_path):
 
 def test_cli_cache_teacher_writes_the_same_cache(ws, capsys, tmp_path):
     rc = main(["cache-teacher", "--teacher", str(ws["teacher_dir"]), "--data", str(ws["data"].out_dir), "--top-k", "16",
-               "--temperatures", "1,2", "--block-size", str(B), "--batch-size", "4", "--out", str(tmp_path / "c")])
+               "--temperatures", "1,2", "--block-size", str(B), "--batch-size", "4", "--tail-samples", "8",
+               "--out", str(tmp_path / "c")])
     out = capsys.readouterr().out
-    assert rc == 0 and "complete:" in out and "top-16 logits (fp16)" in out
+    assert rc == 0 and "complete:" in out and "top-16 logits (fp16)" in out and "8 tail samples" in out
     name = part_name("train", 0, 1)
     assert (tmp_path / "c" / name).read_bytes() == (ws["cache"] / name).read_bytes()
     # Bad arguments fail as one line before the teacher runs.
@@ -144,6 +150,10 @@ def test_cli_cache_teacher_writes_the_same_cache(ws, capsys, tmp_path):
     err = capsys.readouterr().err
     assert rc == 2 and err.count("\n") == 1 and "exceeds the teacher's vocabulary of 50,257" in err
     assert not (tmp_path / "d").exists()
+    rc = main(["cache-teacher", "--teacher", str(ws["teacher_dir"]), "--data", str(ws["data"].out_dir), "--top-k",
+               "4", "--tail-samples", "-1", "--block-size", str(B), "--out", str(tmp_path / "d")])
+    err = capsys.readouterr().err
+    assert rc == 2 and "--tail-samples must be 0 (tail bucket only) or more" in err and not (tmp_path / "d").exists()
 
 
 # ---------------------------------------------------------------------------------------
@@ -349,7 +359,7 @@ def test_distill_refuses_what_a_cache_cannot_serve(ws, tmp_path):
     cases = [
         ({"cos": 1.0}, ConfigError, r"model.teacher_cache: .*not hidden states, so loss.cos .*set loss.cos=0"),
         ({"cos": 0, "align_mse": 1.0}, ConfigError, r"so loss.align_mse cannot be computed"),
-        ({"cos": 0, "divergence": "reverse_kl"}, ConfigError, "forward KL only .*not loss.divergence=reverse_kl"),
+        ({"cos": 0, "divergence": "reverse_kl"}, ConfigError, "forward KL only, not loss.divergence=reverse_kl"),
         ({"cos": 0, "kl": 0}, ConfigError, "loss.kl is 0, so the cache would never be read"),
     ]
     for change, error, match in cases:
@@ -399,9 +409,9 @@ def full_vocab(ws):
         model.transformer.wte.weight.mul_(30.0)
     teacher_dir = save_with_tokenizer(model, ws["tokenizer"], root / "teacher")
     teacher = load_model(teacher_dir)
-    for k in (50257, 8):
-        build_teacher_cache(teacher, data, root / f"cache_{k}", top_k=k, temperatures=[2.0], block_size=16,
-                            tokenizer_fingerprint=ws["fp"], batch_size=8, progress=False)
+    for name, k, samples in (("cache_50257", 50257, 0), ("cache_8", 8, 0), ("cache_8_s512", 8, 512)):
+        build_teacher_cache(teacher, data, root / name, top_k=k, temperatures=[2.0], block_size=16,
+                            tokenizer_fingerprint=ws["fp"], batch_size=8, progress=False, tail_samples=samples)
     return {"root": root, "src": src, "data": data, "teacher_dir": teacher_dir}
 
 
@@ -417,7 +427,8 @@ def test_distill_with_a_full_vocabulary_cache_logs_the_live_kl(ws, full_vocab, t
     assert rc == 0, capsys.readouterr().err
     assert load_config(tmp_path / "cached" / "config.yaml").model.teacher_cache == str(cache_all)
     run_training(distill_config(ws, full_vocab["root"] / "cache_8", **common), tmp_path / "top8", progress=False)
-    live, cached, top8 = (first_step(tmp_path / name) for name in ("live", "cached", "top8"))
+    run_training(distill_config(ws, full_vocab["root"] / "cache_8_s512", **common), tmp_path / "s512", progress=False)
+    live, cached, top8, s512 = (first_step(tmp_path / name) for name in ("live", "cached", "top8", "s512"))
     assert set(cached) == set(live)  # kl and ce logged as before
     # Only the fp16 rounding of the stored values (logit - max) separates the two (measured: 3e-6).
     assert cached["kl"] == pytest.approx(live["kl"], rel=1e-4)
@@ -425,6 +436,10 @@ def test_distill_with_a_full_vocabulary_cache_logs_the_live_kl(ws, full_vocab, t
     assert cached["ce"] == pytest.approx(live["ce"], rel=1e-6)
     assert abs(top8["kl"] - live["kl"]) > 10 * abs(cached["kl"] - live["kl"])
     assert top8["kl"] < live["kl"]  # the coarsened KL is a lower bound
+    # Tail samples estimate the full KL; the bucket misses most of the tail.
+    assert abs(s512["kl"] - live["kl"]) < 0.2 * abs(top8["kl"] - live["kl"]), (s512, top8, live)
+    # (measured: live 7.458, top-8 bucket 2.514, top-8 + 512 samples 7.440; the gradients are
+    # compared in tests/test_sparse_kl.py, here the random student's CE dominates them.)
 
 
 def test_distill_from_a_small_k_cache_trains_and_resumes(ws, tmp_path, monkeypatch):
