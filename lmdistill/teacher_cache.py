@@ -97,6 +97,7 @@ __all__ = [
     "CACHE_MAGIC",
     "CACHE_VERSION",
     "CacheHeader",
+    "MAX_TAIL_SAMPLES",
     "TeacherCache",
     "TeacherCacheError",
     "TeacherTargets",
@@ -105,6 +106,7 @@ __all__ = [
     "data_fingerprint",
     "part_blocks",
     "part_name",
+    "sample_tail",
 ]
 
 CACHE_MAGIC = 20251201

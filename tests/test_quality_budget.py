@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM
@@ -14,20 +12,10 @@ from lmdistill.data.corpora import corpus_documents
 from lmdistill.data.prepare import tokenize_documents
 from lmdistill.models import load_tokenizer
 
-from .helpers import save_with_tokenizer, small_text_file, tiny_gpt2
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_benchmark():
-    spec = importlib.util.spec_from_file_location("quality_budget", ROOT / "benchmarks" / "quality_budget.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
+from .helpers import load_benchmark, save_with_tokenizer, small_text_file, tiny_gpt2
 
 def test_grid_on_a_tiny_teacher(tmp_path, gpt2_tokenizer, one_thread):
-    qb = load_benchmark()
+    qb = load_benchmark("quality_budget")
     teacher = save_with_tokenizer(tiny_gpt2(n_layer=4), gpt2_tokenizer, tmp_path / "teacher")
     text = small_text_file(tmp_path)
     base = [f"model.teacher={teacher}", "model.num_layers=2", f"data.sources=[{text}]",

@@ -13,6 +13,8 @@ from lmdistill.losses import causal_lm_loss, kl_divergence
 from lmdistill.sparse_kl import SparseTargets, sparse_kl_divergence
 from lmdistill.teacher_cache import sample_tail
 
+from .helpers import softmax64
+
 B, S, D, V = 2, 7, 16, 40
 
 
@@ -37,10 +39,7 @@ def reference_sampled_kl(student: np.ndarray, teacher: np.ndarray, t: SparseTarg
     out = np.zeros(student.shape[:2])
     for b in range(student.shape[0]):
         for i in range(student.shape[1]):
-            p = np.exp(teacher[b, i] / T - teacher[b, i].max() / T)
-            p /= p.sum()
-            q = np.exp(student[b, i] / T - student[b, i].max() / T)
-            q /= q.sum()
+            p, q = softmax64(teacher[b, i], T), softmax64(student[b, i], T)
             kept = t.indices[b, i].numpy()
             kl = float(np.sum(p[kept] * np.log(p[kept] / q[kept])))
             tail = t.tail_indices[b, i].numpy()

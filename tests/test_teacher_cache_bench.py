@@ -4,23 +4,14 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-from pathlib import Path
 
 from lmdistill.data.corpora import CORPORA, corpus_documents
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("teacher_cache_bench", ROOT / "benchmarks" / "teacher_cache.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from .helpers import load_benchmark
 
 
 def test_data_takes_an_equal_share_of_each_corpus_split(tmp_path):
-    bench = load_bench()
+    bench = load_benchmark("teacher_cache")
     out = bench.write_data(tmp_path / "data", train_chars=3000, eval_chars=600)
     train = (out / "train.txt").read_text(encoding="utf-8")
     for name in CORPORA:
@@ -35,7 +26,7 @@ def test_data_takes_an_equal_share_of_each_corpus_split(tmp_path):
 
 
 def test_report_gives_gaps_and_speed_ratios_against_live():
-    bench = load_bench()
+    bench = load_benchmark("teacher_cache")
     results = {
         "live": {"val_ppl": {"0": 800.0, "20": 100.0}, "tokens_per_s": 200.0, "train_seconds": 100.0,
                  "cache_build_s": None},
