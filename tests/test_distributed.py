@@ -181,6 +181,27 @@ def test_fsdp_student_and_teacher_equal_one_process(ws, fsdp_run, tmp_path):
     assert_same_run(run, one)
 
 
+def test_two_processes_from_a_teacher_cache_equal_one_process(ws, gpt2_tokenizer, tmp_path):
+    """Stored targets (top-k + tail samples, fused sparse KL) under DDP: each rank reads the
+    targets of its own blocks, and the run is the one-process run with twice the batch."""
+    from lmdistill.data.prepare import prepare
+    from lmdistill.models import load_model, tokenizer_fingerprint
+    from lmdistill.teacher_cache import build_teacher_cache
+
+    data = prepare(gpt2_tokenizer, [str(ws["text"])], ws["data"])
+    build_teacher_cache(load_model(ws["teacher"]), data, tmp_path / "cache", top_k=8, temperatures=[2.0],
+                        block_size=32, tokenizer_fingerprint=tokenizer_fingerprint(gpt2_tokenizer), tail_samples=4,
+                        progress=False)
+    common = {"max_steps": 3, "loss.cos": 0, "model.teacher_cache": tmp_path / "cache"}
+    out = torchrun(["distill", "--out", str(tmp_path / "two"), *overrides(ws, batch_size=2, **common)])
+    assert "2 process(es), student ddp" in out and "4 tail samples" in out
+    one = tmp_path / "one"
+    run_training(config(ws, batch_size=4, max_steps=3, loss__cos=0, model__teacher_cache=tmp_path / "cache"), one,
+                 progress=False)
+    assert_same_params(tmp_path / "two" / "student", one / "student")
+    assert_same_run(tmp_path / "two", one)
+
+
 def rewind(run: Path, to: Path, step: int, **config_changes) -> Path:
     """A copy of a finished run as if it had been stopped after the checkpoint of ``step``."""
     shutil.copytree(run, to)
