@@ -52,6 +52,7 @@ from pathlib import Path
 
 from lmdistill.data.corpora import CORPORA, SPLITS, check_split, corpus_documents, corpus_path
 from lmdistill.data.errors import DataError
+from lmdistill.data.jsonl import json_objects
 from lmdistill.models import hub_reachable
 
 TXT_PIECE_CHARS = 10_000
@@ -174,18 +175,9 @@ def _trim(piece: str) -> str:
 
 def _read_jsonl(path: Path) -> Iterator[str]:
     with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(
-                    f"{path}, line {lineno}: not valid JSON ({err.msg}); each line must be one "
-                    'JSON object such as {"text": "..."}'
-                ) from None
-            if not isinstance(row, dict) or "text" not in row:
-                keys = ", ".join(map(str, row)) if isinstance(row, dict) else type(row).__name__
+        for lineno, row in json_objects(f, path, 'each line must be one JSON object such as {"text": "..."}'):
+            if "text" not in row:
+                keys = ", ".join(map(str, row))
                 raise DataError(
                     f'{path}, line {lineno}: no "text" field (found: {keys}); each line needs '
                     'a string field "text" holding the document'

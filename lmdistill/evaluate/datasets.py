@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from lmdistill.data.errors import DataError
+from lmdistill.data.jsonl import json_objects
 
 ENWIK8_BYTES = 100_000_000
 """Size of enwik8 and of text8; the standard split is 90M / 5M / 5M bytes."""
@@ -375,23 +376,8 @@ def _json_lines(path: Path, what: str, example: str) -> list[tuple[int, dict]]:
     """(line number, object) for each non-blank line; errors name the file and line."""
     path = Path(path)
     text = _read_text(path)
-    rows = []
-    for lineno, line in enumerate(io.StringIO(text), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise DataError(
-                f"{path}, line {lineno}: not valid JSON ({err.msg}); each line of a {what} file must be "
-                f"one JSON object such as {example}"
-            ) from None
-        if not isinstance(row, dict):
-            raise DataError(
-                f"{path}, line {lineno}: a JSON {type(row).__name__}, not an object; each line of a {what} "
-                f"file must be one JSON object such as {example}"
-            )
-        rows.append((lineno, row))
+    rows = list(json_objects(io.StringIO(text), path, f"each line of a {what} file must be one JSON object such as "
+                                                       f"{example}"))
     if not rows:
         raise DataError(f"{path}: empty (no JSON lines); pass the {what} .jsonl file as distributed")
     return rows
