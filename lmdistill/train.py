@@ -674,8 +674,9 @@ class _LogitsOnly(nn.Module):
 def validate(setup: Setup, tokens: np.ndarray) -> dict[str, float]:
     """Student perplexity on the first ``train.eval_tokens`` validation tokens (disjoint windows).
 
-    Under torchrun every rank computes it (FSDP2 needs all ranks in each forward pass); under
-    DDP the inner module runs, so no collective is involved.
+    Under DDP the ranks share the batches of windows (the inner module runs, so no collective
+    is involved in the forward passes) and sum their totals; under FSDP2 every rank computes
+    all of it, since every rank must take part in each forward pass.
     """
     protocol = PerplexityProtocol(
         window=setup.config.data.block_size,
@@ -683,10 +684,17 @@ def validate(setup: Setup, tokens: np.ndarray) -> dict[str, float]:
         batch_size=setup.config.train.batch_size,
     )
     model = _LogitsOnly(dist.unwrap(setup.objective), setup.student)
+    ranks = setup.ranks
+    split = ranks.enabled and not dist.is_sharded(setup.objective)
+    shard = (ranks.rank, ranks.world_size) if split else (0, 1)
     with setup.autocast_context():
-        result = perplexity(model, tokens, protocol, device=setup.device)
+        result = perplexity(model, tokens, protocol, device=setup.device, shard=shard)
     dist.reshard(setup.objective)
-    return {"val_loss": result.nll_sum / result.tokens_scored, "val_ppl": result.perplexity, "val_tokens": result.tokens_scored}
+    totals = {"nll": result.nll_sum, "tokens": result.tokens_scored}
+    if split:
+        totals = dist.sum_across(totals, ranks, setup.device)
+    val_loss = totals["nll"] / totals["tokens"]
+    return {"val_loss": val_loss, "val_ppl": math.exp(val_loss), "val_tokens": int(totals["tokens"])}
 
 
 # ---------------------------------------------------------------------------------------

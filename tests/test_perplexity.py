@@ -119,6 +119,24 @@ def test_batch_size_does_not_change_result(models, stride):
         assert r.nll_sum == pytest.approx(results[0].nll_sum, rel=1e-5)
 
 
+@pytest.mark.parametrize("count", [2, 3, 7])
+def test_shards_sum_to_the_whole_stream(models, count):
+    """Data-parallel validation: each process scores every count-th batch; the shards' sums
+    are the whole stream's, and no batch is scored twice or skipped."""
+    model, _ = models
+    tokens = _stream(150, seed=4)
+    proto = PerplexityProtocol(window=16, batch_size=2)  # 10 windows, 5 batches
+    whole = perplexity(model, tokens, proto)
+    parts = [perplexity(model, tokens, proto, shard=(i, count)) for i in range(count)]
+    assert sum(p.tokens_scored for p in parts) == whole.tokens_scored
+    assert sum(p.nll_sum for p in parts) == pytest.approx(whole.nll_sum, rel=1e-6)
+    assert all(p.tokens_scored > 0 for p in parts[: min(count, 5)])
+    if count == 7:  # more shards than batches: the extra ones score nothing
+        assert parts[6].tokens_scored == 0 and math.isnan(parts[6].perplexity)
+    with pytest.raises(ValueError, match="shard must be"):
+        perplexity(model, tokens, proto, shard=(2, 2))
+
+
 def test_numpy_and_torch_streams_agree(models):
     model, _ = models
     tokens = _stream(80, seed=3)

@@ -139,6 +139,7 @@ def perplexity(
     device: torch.device | str | None = None,
     progress: bool = False,
     desc: str = "",
+    shard: tuple[int, int] = (0, 1),
 ) -> PerplexityResult:
     """Token-level perplexity of ``model`` on the 1-D id stream ``tokens``.
 
@@ -150,6 +151,10 @@ def perplexity(
         protocol: windows, stride, truncation and batch size.
         device: where the input ids go; default: the device of the input embeddings.
         progress: show a tqdm bar (unit: scored tokens) labelled ``desc``.
+        shard: ``(index, count)``: score only batches ``index, index + count, ...`` of the
+            protocol's batches (one process's share under data parallelism). The result
+            then covers that share; summing ``nll_sum`` and ``tokens_scored`` over the
+            ``count`` shards gives the full stream's.
 
     Raises:
         ValueError: on a stream that is not 1-D integer ids, has fewer than 2 tokens or
@@ -164,13 +169,17 @@ def perplexity(
     if device is None:
         device = model_device(model)
 
+    index, count = shard
+    if not (_is_int(index) and _is_int(count) and 0 <= index < count):
+        raise ValueError(f"shard must be (index, count) with 0 <= index < count, got {shard!r}")
     windows = list(_windows(n, protocol.window, protocol.effective_stride))
-    total = sum(end - first for _, end, first in windows)
+    batches = [b for i, b in enumerate(_batches(windows, protocol.batch_size)) if i % count == index]
+    total = sum(end - first for batch in batches for _, end, first in batch)
     start = time.perf_counter()
     nll_sum, scored = 0.0, 0
     with eval_mode(model):
         with tqdm(total=total, desc=desc or None, unit="tok", disable=not progress) as bar:
-            for batch in _batches(windows, protocol.batch_size):
+            for batch in batches:
                 ids = torch.stack([_ids(stream, b, e) for b, e, _ in batch]).to(device)
                 logits = model(input_ids=ids).logits  # (batch, window_len, vocab)
                 batch_nll, batch_tokens = 0.0, 0
@@ -193,7 +202,7 @@ def perplexity(
     seconds = time.perf_counter() - start
     assert scored == total, (scored, total)
     return PerplexityResult(
-        perplexity=math.exp(nll_sum / scored),
+        perplexity=math.exp(nll_sum / scored) if scored else float("nan"),
         nll_sum=nll_sum,
         tokens_scored=scored,
         seconds=seconds,
