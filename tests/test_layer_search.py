@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmdistill.layer_search import format_cut_table, greedy_search, keep_only, make_calibration, score_cut
+from lmdistill.layer_search import _Recording, format_cut_table, greedy_search, keep_only, make_calibration, score_cut
+from lmdistill.models import decoder_layers
 from lmdistill.student import build_student
 
 from .helpers import tiny_gpt2, tiny_llama
@@ -94,6 +95,32 @@ def test_search_removes_the_layer_that_costs_least(objective):
     table = format_cut_table({"search": result.steps[-1].score, "full": result.start}, calib.tokens_scored)
     assert "| search | 0,3 |" in table and "| full | 0,1,2,3 |" in table
     assert result.to_dict()["layers"] == [0, 3]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_neo"])
+def test_replayed_layers_give_the_same_scores_and_are_not_run(family):
+    """The search replays the recorded outputs of the layers a cut starts with: every cut that
+    drops one layer scores exactly as when all its layers run, and its shared layers do not run."""
+    model = _tiny(family)
+    tokens = np.random.default_rng(2).integers(0, model.config.vocab_size, size=96)
+    calib = make_calibration(model, tokens, block_size=16, max_tokens=96, batch_size=2)  # 3 batches
+    layers = list(range(len(decoder_layers(model))))
+    recording = _Recording(model, calib, layers)
+    assert recording.score == score_cut(model, calib, layers)
+    calls = {i: 0 for i in layers}
+    hooks = [decoder_layers(model)[i].register_forward_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i in layers]
+    try:
+        for dropped in layers:
+            cut = [i for i in layers if i != dropped]
+            calls.update({i: 0 for i in layers})
+            replayed = score_cut(model, calib, cut, recording)
+            assert all(calls[i] == 0 for i in layers if i < dropped)  # replayed, not run
+            assert all(calls[i] == 3 for i in cut if i > dropped)  # run on each batch
+            assert replayed == score_cut(model, calib, cut)  # exactly equal CE and KL
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def test_search_checks_its_arguments():
