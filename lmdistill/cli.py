@@ -2,7 +2,7 @@
 
     lmdistill prepare       text sources -> token shards
     lmdistill init-student  cut a student from a teacher
-    lmdistill cache-teacher store the teacher's top-k logits over prepared token shards
+    lmdistill cache-teacher store the teacher's top-k logits and tail samples over prepared token shards
     lmdistill distill       train a student (or --resume a run)
     lmdistill eval          perplexity of several models under one protocol
     lmdistill generate      continue a prompt (--compare MODEL2: side by side)
@@ -301,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cache-teacher", help="run the teacher once over prepared token shards and store its top-k logits",
                        description="Stores, per position of the training blocks, the teacher's top-k logits, their "
-                                   "token ids and the log-sum-exp at each temperature, for lmdistill distill "
+                                   "token ids, the log-sum-exp at each temperature and ids drawn from the teacher's "
+                                   "distribution outside the top-k (tail samples), for lmdistill distill "
                                    "--teacher-cache. A killed run continues where it stopped when rerun. See "
                                    "docs/teacher_cache.md.")
     p.add_argument("--teacher", required=True, help="teacher MODEL (the distill run's model.teacher)")
