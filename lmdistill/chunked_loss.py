@@ -54,7 +54,7 @@ import torch
 from torch import Tensor
 
 from lmdistill.losses import LossOutput, _as_mask, _check_reduction, _compute_dtype, _reduce
-from lmdistill.sparse_kl import SparseTargets, check_sparse_targets
+from lmdistill.sparse_kl import SparseKLTerms, SparseTargets, check_sparse_targets, sparse_kl_terms
 
 __all__ = ["DEFAULT_CHUNK_TOKENS", "chunked_logit_losses"]
 
@@ -152,8 +152,6 @@ def chunked_logit_losses(
             raise ValueError("pass either teacher_targets or teacher_hidden / teacher_head_weight, not both")
         if use_kl:
             check_sparse_targets(teacher_targets, batch_seq, vocab)
-            if not (math.isfinite(temperature) and temperature > 0):
-                raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     elif use_kl:
         if teacher_hidden is None or teacher_head_weight is None:
             raise ValueError(
@@ -171,8 +169,8 @@ def chunked_logit_losses(
                 f"teacher vocab {teacher_head_weight.shape[0]} != student vocab {vocab}; teacher and "
                 "student must share a vocabulary (same tokenizer, same padded size)"
             )
-        if not (math.isfinite(temperature) and temperature > 0):
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    if use_kl and not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     if not use_kl or sparse:
         teacher_hidden = teacher_head_weight = teacher_head_bias = None
 
@@ -369,7 +367,7 @@ def _forward(spec, hidden, weight, bias, teacher, labels, valid_kl, valid_ce, gr
             rows_kl = slice(start, stop)
             sparse_kl = _sparse_chunk(log_q, t_vals[rows_kl], t_idx[rows_kl], t_lse[rows_kl],
                                       None if t_tail_idx is None else t_tail_idx[rows_kl],
-                                      None if t_tail_vals is None else t_tail_vals[rows_kl], T, cdt, pool,
+                                      None if t_tail_vals is None else t_tail_vals[rows_kl], T, pool,
                                       want_tail_weights=grads is not None)
             kl_pos[at] = sparse_kl.kl * T2
         elif spec.use_kl:
@@ -445,58 +443,52 @@ def _forward(spec, hidden, weight, bias, teacher, labels, valid_kl, valid_ce, gr
 
 @dataclass
 class _SparseChunk:
-    """One chunk's sparse KL (before ``* T**2``) and what its gradient needs."""
+    """One chunk's sparse KL terms (before ``* T**2``) and what its gradient needs."""
 
-    kl: Tensor
-    """``(k,)`` per-position KL."""
-    mass: Tensor
-    """``(k,)`` teacher mass the gradient's ``softmax(s/T)`` term is scaled by: ``sum p_i + p_tail``."""
-    p: Tensor
-    """``(k, K)`` teacher probabilities of the kept ids."""
+    terms: SparseKLTerms
     ids: Tensor
-    p_tail: Tensor
+    """``(k, K)`` kept ids."""
     tail_ids: Tensor | None
     """``(k, S)`` sampled tail ids, each carrying ``p_tail / S``; None = tail bucket."""
     tail_weights: Tensor | None
     """Bucket only, when gradients are wanted: ``(k, V)`` ``q_j / q_tail`` on tail ids, 0 on kept ids."""
 
+    @property
+    def kl(self) -> Tensor:
+        return self.terms.kl
+
+    @property
+    def mass(self) -> Tensor:
+        """``(k,)`` teacher mass the gradient's ``softmax(s/T)`` term is scaled by: ``sum p_i + p_tail``."""
+        return self.terms.p.sum(dim=1) + self.terms.p_tail
+
     def subtract_teacher(self, g: Tensor, c_kl: Tensor) -> None:
         """``g -= c_kl * p~``: ``p_i`` on kept ids, the tail mass spread over the tail (by the
         samples, or in proportion to the student's tail for the bucket)."""
-        g.scatter_add_(1, self.ids, self.p * -c_kl)
+        p_tail = self.terms.p_tail
+        g.scatter_add_(1, self.ids, self.terms.p * -c_kl)
         if self.tail_ids is not None:
-            share = (self.p_tail / self.tail_ids.shape[1]).unsqueeze(1) * -c_kl
+            share = (p_tail / self.tail_ids.shape[1]).unsqueeze(1) * -c_kl
             g.scatter_add_(1, self.tail_ids, share.expand_as(self.tail_ids))
         elif self.tail_weights is not None:
-            g.addcmul_(self.tail_weights, self.p_tail.unsqueeze(1) * c_kl, value=-1)
+            g.addcmul_(self.tail_weights, p_tail.unsqueeze(1) * c_kl, value=-1)
 
 
 def _sparse_chunk(log_q: Tensor, values: Tensor, ids: Tensor, lse: Tensor, tail_ids: Tensor | None,
-                  tail_values: Tensor | None, T: float, cdt: torch.dtype, pool: _Pool,
-                  want_tail_weights: bool) -> _SparseChunk:
-    """The sparse KL of a chunk (:func:`lmdistill.sparse_kl.sparse_kl_divergence`'s formulas)
-    from the student's log-softmax at ``T`` and the stored targets of its rows."""
-    ids = ids.long()
-    log_p = values.to(cdt) / T - lse.to(cdt).unsqueeze(1)
-    p = log_p.exp()
-    kl = torch.where(p > 0, p * (log_p - log_q.gather(1, ids)), 0.0).sum(dim=1)
-    p_tail = (1.0 - p.sum(dim=1)).clamp(min=0.0)
+                  tail_values: Tensor | None, T: float, pool: _Pool, want_tail_weights: bool) -> _SparseChunk:
+    """The sparse KL of a chunk (:func:`lmdistill.sparse_kl.sparse_kl_terms`) from the student's
+    log-softmax at ``T`` and the stored targets of its rows, with what its gradient needs."""
+    bucket = tail_ids is None and ids.shape[1] < log_q.shape[1]
+    terms = sparse_kl_terms(log_q, None, values, ids, lse, T, tail_ids, tail_values,
+                            scratch=pool.take(log_q.shape[0]) if bucket else None)
     tail_weights = None
-    if tail_ids is not None:
-        tail_ids = tail_ids.long()
-        log_p_tail = tail_values.to(cdt) / T - lse.to(cdt).unsqueeze(1)
-        kl = kl + p_tail * (log_p_tail - log_q.gather(1, tail_ids)).mean(dim=1)
-    elif ids.shape[1] < log_q.shape[1]:  # k == vocab: no tail
-        rest = pool.take(log_q.shape[0]).copy_(log_q).scatter_(1, ids, float("-inf"))
-        log_q_tail = torch.logsumexp(rest, dim=1)
-        # where: an empty teacher tail adds 0, even if the student's is empty too (0 * -inf).
-        kl = kl + torch.where(p_tail > 0, torch.xlogy(p_tail, p_tail) - p_tail * log_q_tail, 0.0)
+    if terms.rest is not None:
         if want_tail_weights:  # q_j / q_tail on tail ids; exp(-inf) = 0 on kept ids
-            finite = torch.where(torch.isfinite(log_q_tail), log_q_tail, 0.0)
-            tail_weights = rest.sub_(finite.unsqueeze(1)).exp_()
+            finite = torch.where(torch.isfinite(terms.log_q_tail), terms.log_q_tail, 0.0)
+            tail_weights = terms.rest.sub_(finite.unsqueeze(1)).exp_()
         else:
-            pool.release(rest)
-    return _SparseChunk(kl, p.sum(dim=1) + p_tail, p, ids, p_tail, tail_ids, tail_weights)
+            pool.release(terms.rest)
+    return _SparseChunk(terms, ids.long(), None if tail_ids is None else tail_ids.long(), tail_weights)
 
 
 class _Pool:

@@ -48,7 +48,7 @@ from torch import Tensor
 
 from .losses import _as_mask, _check_3d, _check_reduction, _compute_dtype, _per_position, _reduce
 
-__all__ = ["SparseTargets", "check_sparse_targets", "sparse_kl_divergence"]
+__all__ = ["SparseKLTerms", "SparseTargets", "check_sparse_targets", "sparse_kl_divergence", "sparse_kl_terms"]
 
 
 @dataclass
@@ -147,34 +147,68 @@ def sparse_kl_divergence(
     check_sparse_targets(targets, batch_seq, vocab)
     valid = _as_mask(mask, batch_seq)
     dtype = _compute_dtype(student_logits, teacher_values)
-    has_tail = k < vocab  # with k == vocab every id is kept: no tail bucket
-
     sampled = tail_indices is not None
 
     def chunk(s: Tensor, v: Tensor, idx: Tensor, lse: Tensor, *tail: Tensor) -> Tensor:
-        s = s.to(dtype) / temperature
-        lse_s = torch.logsumexp(s, dim=-1)
-        idx = idx.long()
-        log_q = s.gather(-1, idx) - lse_s.unsqueeze(-1)
-        log_p = v.to(dtype) / temperature - lse.to(dtype).unsqueeze(-1)
-        p = log_p.exp()
-        # where: a kept token the teacher rules out (p = 0) adds 0, not 0 * -inf = NaN.
-        kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(dim=-1)
-        if sampled:
-            p_tail = (1.0 - p.sum(dim=-1)).clamp(min=0.0)
-            tail_idx, tail_v = tail
-            log_q_s = s.gather(-1, tail_idx.long()) - lse_s.unsqueeze(-1)
-            log_p_s = tail_v.to(dtype) / temperature - lse.to(dtype).unsqueeze(-1)
-            kl = kl + p_tail * (log_p_s - log_q_s).mean(dim=-1)
-        elif has_tail:
-            p_tail = (1.0 - p.sum(dim=-1)).clamp(min=0.0)
-            log_q_tail = torch.logsumexp(s.scatter(-1, idx, float("-inf")), dim=-1) - lse_s
-            # where: an empty teacher tail adds 0, even if the student's is empty too (0 * -inf).
-            kl = kl + torch.where(p_tail > 0, torch.xlogy(p_tail, p_tail) - p_tail * log_q_tail, 0.0)
-        return kl
+        z = s.to(dtype) / temperature
+        return sparse_kl_terms(z, torch.logsumexp(z, dim=-1), v, idx, lse, temperature, *tail).kl
 
     teacher = (teacher_values.detach(), teacher_indices.detach(), teacher_lse.detach())
     if sampled:
         teacher += (tail_indices.detach(), tail_values.detach())
     per_pos = _per_position(chunk, student_logits, *teacher) * temperature**2
     return _reduce(per_pos, valid, reduction)
+
+
+@dataclass
+class SparseKLTerms:
+    """Per-position sparse KL (before ``* T**2``) and the pieces its gradient is made of."""
+
+    kl: Tensor
+    p: Tensor
+    """Teacher probabilities of the kept ids at ``T``."""
+    p_tail: Tensor
+    """Teacher mass outside the kept ids, clamped at 0."""
+    log_q_tail: Tensor | None = None
+    """Bucket only: the student's log-mass outside the kept ids."""
+    rest: Tensor | None = None
+    """Bucket only: ``z`` with the kept ids at ``-inf`` (in ``scratch`` when given)."""
+
+
+def sparse_kl_terms(z: Tensor, lse_z: Tensor | None, values: Tensor, ids: Tensor, lse: Tensor, temperature: float,
+                    tail_ids: Tensor | None = None, tail_values: Tensor | None = None,
+                    scratch: Tensor | None = None) -> SparseKLTerms:
+    """The sparse KL of each position (the module docstring's formulas, one place for both the
+    autograd path here and the fused path of :mod:`lmdistill.chunked_loss`).
+
+    ``z``: the student's logits divided by ``T`` (``(..., vocab)``, the compute dtype) and
+    ``lse_z`` their ``logsumexp`` (None when ``z`` is already a log-softmax). ``values``,
+    ``ids``, ``lse``, ``tail_ids``, ``tail_values``: the stored targets of the same positions.
+    ``scratch``: a ``z``-shaped buffer for the bucket's masked copy (no autograd through it).
+    """
+    ids = ids.long()
+    dtype = z.dtype
+
+    def log_q(at: Tensor) -> Tensor:  # the student's log-probabilities of the ids ``at``
+        picked = z.gather(-1, at)
+        return picked if lse_z is None else picked - lse_z.unsqueeze(-1)
+
+    log_p = values.to(dtype) / temperature - lse.to(dtype).unsqueeze(-1)
+    p = log_p.exp()
+    # where: a kept token the teacher rules out (p = 0) adds 0, not 0 * -inf = NaN.
+    kl = torch.where(p > 0, p * (log_p - log_q(ids)), 0.0).sum(dim=-1)
+    p_tail = (1.0 - p.sum(dim=-1)).clamp(min=0.0)
+    if tail_ids is not None:
+        log_p_s = tail_values.to(dtype) / temperature - lse.to(dtype).unsqueeze(-1)
+        kl = kl + p_tail * (log_p_s - log_q(tail_ids.long())).mean(dim=-1)
+        return SparseKLTerms(kl, p, p_tail)
+    if ids.shape[-1] == z.shape[-1]:  # k == vocab: every id is kept, no tail
+        return SparseKLTerms(kl, p, p_tail)
+    rest = z.scatter(-1, ids, float("-inf")) if scratch is None else scratch.copy_(z).scatter_(-1, ids, float("-inf"))
+    log_q_tail = torch.logsumexp(rest, dim=-1)
+    if lse_z is not None:
+        log_q_tail = log_q_tail - lse_z
+    # where: an empty teacher tail adds 0, even if the student's is empty too (0 * -inf).
+    kl = kl + torch.where(p_tail > 0, torch.xlogy(p_tail, p_tail) - p_tail * log_q_tail, 0.0)
+    return SparseKLTerms(kl, p, p_tail, log_q_tail, rest)
+
