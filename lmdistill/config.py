@@ -16,8 +16,10 @@ from typing import Any, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .errors import LmdistillError
 
-class ConfigError(ValueError):
+
+class ConfigError(LmdistillError):
     """A configuration value that is missing, unknown or out of range; the message names the fix."""
 
 

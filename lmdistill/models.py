@@ -40,9 +40,10 @@ from transformers import (
 )
 
 from .atomic import build_dir_atomic, copy_atomic
+from .errors import LmdistillError
 
 
-class ModelError(ValueError):
+class ModelError(LmdistillError):
     """A model or tokenizer argument that cannot be resolved; the message names the fix."""
 
 

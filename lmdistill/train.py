@@ -45,6 +45,7 @@ from .checkpoint import (
 )
 from . import dist
 from .atomic import write_text_atomic
+from .errors import LmdistillError
 from .config import ConfigError, RunConfig, check_teacher_cache_settings, load_config
 from .data.prepare import PreparedData, prepare
 from .data.sampler import BlockSampler
@@ -83,7 +84,7 @@ from .student import (
 )
 
 
-class RunDirError(ValueError):
+class RunDirError(LmdistillError):
     """A run directory that cannot be used as asked; the message names the fix."""
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from ..errors import LmdistillError
 
-class DataError(ValueError):
+
+class DataError(LmdistillError):
     """A data input that cannot be used; the message names the file (and line) and the fix."""

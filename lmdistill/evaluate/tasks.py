@@ -35,13 +35,14 @@ from typing import Any, ClassVar
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..data.corpora import CORPORA
+from ..errors import LmdistillError
 from ..data.prepare import tokenize_documents
 from ..data.sources import parse_source
 from ..models import tokenizer_fingerprint
 from .perplexity import PerplexityProtocol, perplexity
 
 
-class TaskError(ValueError):
+class TaskError(LmdistillError):
     """A task argument that cannot be used; the message names the fix."""
 
 
