@@ -4,11 +4,16 @@ Everything is built under a hidden temporary name in the destination's folder (s
 system, so the final ``os.replace`` is atomic) and given ordinary permissions before the
 rename: ``mkstemp``/``mkdtemp`` create private (0600/0700) entries, which would otherwise
 leak into the user's run directories and caches.
+
+Temporary names are ``.NAME.tmp-XXXX`` (``.NAME.tmp-old-XXXX`` for a folder moved aside while
+its replacement goes in), so that :func:`remove_leftovers` can tell a killed writer's
+debris from anything else in the folder.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -17,11 +22,17 @@ from pathlib import Path
 FILE_MODE = 0o644
 DIR_MODE = 0o755
 
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.tmp-(?P<old>old-)?[^/]*$")
+
+
+def _temp_prefix(name: str, old: bool = False) -> str:
+    return f".{name}.tmp-{'old-' if old else ''}"
+
 
 def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path.name), dir=path.parent)
     try:
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
@@ -36,7 +47,7 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 def copy_atomic(src: Path, dst: Path) -> None:
     dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dst.name}.", dir=dst.parent)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(dst.name), dir=dst.parent)
     os.close(fd)
     try:
         shutil.copyfile(src, tmp)
@@ -55,7 +66,7 @@ def build_dir_atomic(out_dir: Path, build: Callable[[Path], None]) -> Path:
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(out_dir.name), dir=out_dir.parent))
     try:
         build(tmp)
         for root, dirs, files in os.walk(tmp):
@@ -63,7 +74,7 @@ def build_dir_atomic(out_dir: Path, build: Callable[[Path], None]) -> Path:
             for name in files:
                 os.chmod(os.path.join(root, name), FILE_MODE)
         if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            old = Path(tempfile.mkdtemp(prefix=_temp_prefix(out_dir.name, old=True), dir=out_dir.parent))
             os.replace(out_dir, old / out_dir.name)
             os.replace(tmp, out_dir)
             shutil.rmtree(old, ignore_errors=True)
@@ -73,3 +84,29 @@ def build_dir_atomic(out_dir: Path, build: Callable[[Path], None]) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def remove_leftovers(folder: Path) -> list[str]:
+    """Delete what writers killed mid-write left in ``folder``; returns the names removed.
+
+    Only call this while no other process writes to ``folder`` (e.g. under the run's lock). A
+    folder moved aside by :func:`build_dir_atomic` whose replacement never arrived is moved
+    back instead: it is the only copy.
+    """
+    removed = []
+    if not Path(folder).is_dir():
+        return removed
+    for entry in sorted(Path(folder).iterdir()):
+        match = _LEFTOVER.match(entry.name)
+        if match is None:
+            continue
+        original = entry / match["name"]
+        target = Path(folder) / match["name"]
+        if match["old"] and original.exists() and not target.exists():
+            os.replace(original, target)
+        if entry.is_dir():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry.name)
+    return removed

@@ -327,6 +327,11 @@ def local_value(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, _dtensor_type()) else t
 
 
+def local_shard(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded DTensor (an FSDP2 parameter); a plain tensor as it is."""
+    return t.to_local() if isinstance(t, _dtensor_type()) else t
+
+
 # ---------------------------------------------------------------------------------------
 # Full state for checkpoints
 

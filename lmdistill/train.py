@@ -20,6 +20,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import threading
 import time
@@ -36,12 +37,18 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .checkpoint import (
     RunDir,
+    RunDirError,
+    RunLock,
     append_metrics,
     load_trainer_state,
+    read_metrics,
+    remove_run_leftovers,
+    resume_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
     truncate_metrics,
+    writing,
 )
 from . import dist
 from .atomic import write_text_atomic
@@ -84,8 +91,9 @@ from .student import (
 )
 
 
-class RunDirError(LmdistillError):
-    """A run directory that cannot be used as asked; the message names the fix."""
+class NonFiniteError(LmdistillError):
+    """Training produced a NaN or infinity; nothing non-finite was checkpointed. The message
+    names the likely cause (the config field) and how to continue."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -628,32 +636,126 @@ def train_step(setup: Setup, optimizer: torch.optim.Optimizer, micro_batches: li
         # float64 sums on the device: one host sync per step instead of one per micro-batch and term
         for name, value in (("loss", loss.total), *loss.terms.items()):
             sums[name] = sums.get(name, 0.0) + value.detach().double()
+    names = list(sums)
+    totals = dict(zip(names, torch.stack([sums[n] for n in names]).tolist())) if names else {}
+    totals = dist.sum_across({**totals, "tokens": float(step_tokens)}, setup.ranks, setup.device)
+    all_tokens = totals.pop("tokens")
+    metrics = {name: total / all_tokens for name, total in totals.items()}
     if scaler is not None:
         scaler.unscale_(optimizer)
     params = [p for p in setup.student.parameters() if p.grad is not None]
     max_norm = setup.config.train.max_grad_norm
     grad_norm = dist.local_value(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf")))
     grad_norm = grad_norm.item()
+    # Checked before the weights change, so a fault never reaches them (or a checkpoint). Under
+    # fp16 the scaler itself skips steps whose gradients overflowed.
+    check_finite_step(setup, metrics, grad_norm if scaler is None else 0.0)
     if scaler is not None:
         scaler.step(optimizer)  # skipped (and the scale lowered) when the gradients overflowed
         scaler.update()
-    elif not math.isfinite(grad_norm):
-        raise FloatingPointError(
-            f"non-finite gradient norm ({grad_norm}); lower train.lr or check the data. The last "
-            "checkpoint is intact: edit train.lr in RUN_DIR/config.yaml and run lmdistill distill --resume RUN_DIR."
-        )
     else:
         optimizer.step()
-    names = list(sums)
-    totals = dict(zip(names, torch.stack([sums[n] for n in names]).tolist())) if names else {}
-    totals = dist.sum_across({**totals, "tokens": float(step_tokens)}, setup.ranks, setup.device)
-    all_tokens = totals.pop("tokens")
-    metrics = {name: total / all_tokens for name, total in totals.items()}
     metrics["grad_norm"] = grad_norm
     if scaler is not None:
         metrics["loss_scale"] = scaler.get_scale()
     metrics["tokens"] = int(all_tokens)
     return metrics
+
+
+# The config field that most often makes each loss term non-finite (besides train.lr).
+_TERM_CAUSES = {
+    "kl": "loss.temperature and loss.kl", "ce": "loss.ce and the data", "cos": "loss.cos", "mse": "loss.mse",
+    "align_cos": "loss.align_cos", "align_mse": "loss.align_mse",
+}
+
+
+def check_finite_step(setup: Setup, metrics: dict[str, float], grad_norm: float) -> None:
+    """Raise :class:`NonFiniteError` naming the likely cause when a step's loss or gradient
+    norm is NaN or infinite (every rank sees the same summed values, so all raise together)."""
+    train = setup.config.train
+    bad = {name: value for name, value in metrics.items() if not math.isfinite(value)}
+    if not bad and math.isfinite(grad_norm):
+        return
+    weights = non_finite_parameter(setup)
+    if weights is not None:
+        cause = optimiser_fault(weights, train)
+    elif bad:
+        terms = [name for name in bad if name != "loss"]
+        if terms:
+            fields = "; ".join(f"{name}: check {_TERM_CAUSES.get(name, 'its weight')}" for name in terms)
+        else:  # every term finite, their weighted sum not
+            fields = f"the weighted sum overflowed: check the loss weights ({loss_weights_text(setup.config)})"
+        cause = (f"the loss is non-finite ({', '.join(f'{k}={v}' for k, v in bad.items())}) with finite student "
+                 f"weights ({fields}; or lower train.lr, now {train.lr:g})")
+    else:
+        cause = (f"the gradient norm is {grad_norm} with a finite loss: check the loss weights "
+                 f"({loss_weights_text(setup.config)}) or lower train.lr ({train.lr:g})")
+    raise NonFiniteError(cause)
+
+
+def loss_weights_text(config: RunConfig) -> str:
+    """The active loss weights as ``loss.kl=5, loss.ce=2, ...``."""
+    return ", ".join(f"loss.{name}={getattr(config.loss, name):g}" for name in _TERM_CAUSES
+                     if getattr(config.loss, name) > 0)
+
+
+def optimiser_fault(parameter: str, train) -> str:
+    eps32 = float(np.float32(train.adam_eps))
+    return (f"the optimiser step made the student's weights non-finite ({parameter}) from finite gradients; check "
+            f"train.adam_eps ({train.adam_eps:g}, {eps32:g} in float32) and train.lr ({train.lr:g})")
+
+
+def non_finite_stop(run: RunDir, step: int, cause: object, start_removed: bool) -> NonFiniteError:
+    """The error that ends a run at a non-finite step: the cause, and how to go on."""
+    latest = run.latest_checkpoint()
+    if start_removed:
+        how = "nothing was kept; fix that value and start the run again"
+    elif latest is not None:
+        how = (f"nothing non-finite was checkpointed and {latest.name} is intact: fix that value in {run.config} and "
+               f"continue with lmdistill distill --resume {run.root}")
+    else:
+        how = (f"no checkpoint was written yet: fix that value in {run.config} and lmdistill distill --resume "
+               f"{run.root} starts the run again")
+    return NonFiniteError(f"training stopped at step {step}: {cause}; {how}")
+
+
+class ValidationWatch:
+    """Warns when validation perplexity climbs an order of magnitude above its best so far:
+    training is diverging (a learning rate too high, clipping off), and the run would
+    otherwise end "done" with a useless student."""
+
+    FACTOR = 10.0
+
+    def __init__(self, config: RunConfig, rows: list[dict[str, Any]] = ()) -> None:
+        self.train = config.train
+        self.best, self.best_step = math.inf, 0
+        self.warnings: list[str] = []
+        for row in rows:
+            if "val_ppl" in row:
+                self.see(row["step"], row["val_ppl"], quiet=True)
+
+    def see(self, step: int, ppl: float, quiet: bool = False) -> None:
+        if ppl < self.best:
+            self.best, self.best_step = ppl, step
+        elif not ppl < self.FACTOR * self.best:  # NaN included
+            fix = f"lower train.lr ({self.train.lr:g})"
+            if self.train.max_grad_norm == 0:
+                fix += " or turn gradient clipping back on (train.max_grad_norm, now 0)"
+            warning = (f"validation perplexity {ppl:.4g} at step {step} is over {self.FACTOR:g}x its best "
+                       f"({self.best:.4g} at step {self.best_step}): training is diverging; {fix}")
+            self.warnings.append(warning)
+            if not quiet:
+                print(f"[lmdistill] warning: {warning}")
+
+
+def non_finite_parameter(setup: Setup) -> str | None:
+    """The name of a student parameter holding a NaN or an infinity (on any rank), or None."""
+    found = next((name for name, param in setup.student.named_parameters()
+                  if not torch.isfinite(dist.local_shard(param.detach())).all()), None)
+    anywhere = dist.max_across({"bad": float(found is not None)}, setup.ranks, setup.device)["bad"] > 0
+    if not anywhere:
+        return None
+    return found or "a parameter held by another process"
 
 
 class _LogitsOnly(nn.Module):
@@ -723,7 +825,7 @@ def check_run_dir(run: RunDir, config: RunConfig | None, resume: bool) -> None:
             f"{run.root} holds {what}; continue it with `lmdistill distill --resume {run.root}` "
             f"or choose another --out"
         )
-    if run.root.exists() and any(run.root.iterdir()):
+    if run.root.exists() and any(p != run.lock_file for p in run.root.iterdir()):
         raise RunDirError(f"{run.root} exists and is not empty; choose another --out")
     parent = run.root.parent if not run.root.exists() else run.root
     while not parent.exists():
@@ -755,35 +857,87 @@ def run_training(config: RunConfig | None, out_dir: Path, resume: bool = False, 
     """
     run = RunDir(Path(out_dir))
     ranks = dist.from_environment()
+    if resume and setup is not None:
+        raise ValueError("a resumed run loads its student from the checkpoint; do not pass setup")
+    lock = RunLock(run) if ranks.is_main else None  # rank 0 alone writes the run directory
+    made, done = None, Progress()
     with dist.quiet_unless_main(ranks):
-        check_run_dir(run, config, resume)
-        if resume:
-            if setup is not None:
-                raise ValueError("a resumed run loads its student from the checkpoint; do not pass setup")
-            config = load_config(run.config)
-            if (run.root / "summary.json").is_file():
-                print(f"[lmdistill] {run.root} already finished; nothing to resume")
-                return json.loads((run.root / "summary.json").read_text())
-        assert config is not None
-        ranks, created = dist.init(config.train.device)
-        if setup is not None and ranks.enabled:
-            raise ValueError("setup can only be passed in a single process; under torchrun each rank builds its own")
-        summary = _train(run, config, resume, stop_at_step, progress, setup, ranks)
+        try:
+            if lock is not None and (run.config.is_file() or run.lock_file.is_file()):
+                lock.acquire()  # a live run in the folder is named before anything else is said of it
+            check_run_dir(run, config, resume)
+            if lock is not None and not lock.held:
+                made = make_folder(run.root)
+                lock.acquire()
+                check_run_dir(run, config, resume)  # again: a run may have started and ended there meanwhile
+            summary = _resume_or_train(run, config, resume, stop_at_step, progress, setup, ranks, done)
+        except BaseException:
+            if lock is not None and lock.held and not resume and done.step == 0:
+                # A start that failed leaves nothing behind (only under our lock: the folder may be another's).
+                remove_failed_start(run, made)
+            raise
+        finally:
+            if lock is not None:
+                lock.release()
+    return summary
+
+
+def remove_failed_start(run: RunDir, made: Path | None) -> None:
+    """Undo a new run that failed before its first step: the folders it created, or what it
+    wrote into the (then empty) folder it was given."""
+    if made is not None:
+        shutil.rmtree(made, ignore_errors=True)
+        return
+    for entry in run.root.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def make_folder(path: Path) -> Path | None:
+    """Create ``path`` and its missing parents; return the topmost folder created (None if none)."""
+    top = None
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            break
+        top = folder
+    path.mkdir(parents=True, exist_ok=True)
+    return top
+
+
+def _resume_or_train(run: RunDir, config: RunConfig | None, resume: bool, stop_at_step: int | None, progress: bool,
+                     setup: Setup | None, ranks: dist.DistInfo, done: Progress) -> dict[str, Any]:
+    if resume:
+        config = load_config(run.config)
+        if (run.root / "summary.json").is_file():
+            print(f"[lmdistill] {run.root} already finished; nothing to resume")
+            return json.loads((run.root / "summary.json").read_text())
+        if ranks.is_main:
+            removed = remove_run_leftovers(run)
+            if removed:
+                print(f"[lmdistill] removed what an interrupted write left: {', '.join(removed)}")
+    assert config is not None
+    ranks, created = dist.init(config.train.device)
+    if setup is not None and ranks.enabled:
+        raise ValueError("setup can only be passed in a single process; under torchrun each rank builds its own")
+    summary = _train(run, config, resume, stop_at_step, progress, setup, ranks, done)
     dist.shutdown(ranks, created)
     return summary
 
 
 def _train(run: RunDir, config: RunConfig, resume: bool, stop_at_step: int | None, progress: bool,
-           setup: Setup | None, ranks: dist.DistInfo) -> dict[str, Any]:
-    checkpoint = run.latest_checkpoint() if resume else None
+           setup: Setup | None, ranks: dist.DistInfo, done: Progress) -> dict[str, Any]:
+    checkpoint = resume_checkpoint(run) if resume else None
     if resume and checkpoint is None and (run.checkpoints).is_dir() and any(run.checkpoints.glob("step_*")):
-        raise RunDirError(f"{run.checkpoints} holds no complete checkpoint; start a new run with another --out")
+        raise RunDirError(f"{run.checkpoints} holds no intact checkpoint; start a new run with another --out")
     if setup is None:
         setup = build_setup(config, student_init=checkpoint / "student" if checkpoint else None, ranks=ranks)
     if not resume and ranks.is_main:
         # Written only once the set-up succeeded, so a failed start leaves no half-made run.
         run.root.mkdir(parents=True, exist_ok=True)
-        write_text_atomic(run.config, config.to_yaml())
+        with writing(run.config, "config", run):
+            write_text_atomic(run.config, config.to_yaml())
     dist.barrier(ranks)
     if not run.config.is_file():
         raise RunDirError(f"rank {ranks.rank} cannot see {run.config}, which rank 0 wrote; {SHARED_RUN_DIR}")
@@ -800,7 +954,6 @@ def _train(run: RunDir, config: RunConfig, resume: bool, stop_at_step: int | Non
     budget = Budget.from_config(config.train.max_steps, config.train.max_tokens, config.train.max_minutes, tokens_per_step)
     warmup = budget.warmup_fraction(config.train.warmup)
 
-    done = Progress()
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
         check_resume_world_size(state, config, ranks, tokens_per_step)
@@ -808,7 +961,7 @@ def _train(run: RunDir, config: RunConfig, resume: bool, stop_at_step: int | Non
         sampler.load_state_dict(state["sampler"])
         if setup.scaler is not None and state.get("scaler"):
             setup.scaler.load_state_dict(state["scaler"])
-        done = Progress(state["step"], state["tokens_seen"], state["elapsed"])
+        done.step, done.tokens_seen, done.elapsed = state["step"], state["tokens_seen"], state["elapsed"]
         restore_rng(state, ranks, config.train.seed, done.step)
         if ranks.is_main:
             truncate_metrics(run, done.step)
@@ -819,18 +972,23 @@ def _train(run: RunDir, config: RunConfig, resume: bool, stop_at_step: int | Non
                 truncate_metrics(run, -1)
             print(f"[lmdistill] {run.root} has no checkpoint yet; starting it from the beginning")
         torch.manual_seed(config.train.seed + ranks.rank)  # rank 0 as one process; other ranks' dropout differs
-        save_student(setup, run.student_init)
+        save_student(setup, run, run.student_init)
         row = {"step": 0, "tokens_seen": 0, **validate(setup, val_tokens)}
         if ranks.is_main:
             append_metrics(run, row)
         print(f"[lmdistill] step 0: validation perplexity {row['val_ppl']:.2f}")
+    watch = ValidationWatch(config, read_metrics(run.metrics) if ranks.is_main else [])
 
     saved_step = done.step if checkpoint is not None else -1
+    start_removed = lambda: not resume and done.step == 0  # noqa: E731  (run_training removes a failed start)
 
     def checkpoint_now() -> None:
         nonlocal saved_step
         if saved_step == done.step:
             return
+        bad = non_finite_parameter(setup)  # never checkpoint a broken model
+        if bad is not None:
+            raise non_finite_stop(run, done.step, optimiser_fault(bad, config.train), start_removed())
         # Gathered from every rank (collectives), written by rank 0 in the one-process format.
         student_state = (dist.full_model_state(setup.objective, ranks, prefix="student.")
                          if dist.is_sharded(setup.objective) else None)
@@ -849,7 +1007,7 @@ def _train(run: RunDir, config: RunConfig, resume: bool, stop_at_step: int | Non
     bar = tqdm(total=budget.estimated_total_steps(done.step, done.elapsed), initial=done.step,
                disable=not progress or not ranks.is_main, unit="step", dynamic_ncols=True)
     stopped_early = False
-    with GracefulStop() as stop_request:
+    with GracefulStop() as stop_request, bar:  # the bar closes (ends its line) on errors too
         while not budget.done(done.step, done.elapsed):
             started = time.perf_counter()
             lr = config.train.lr * lr_factor(budget.progress_after(done.step, done.elapsed), warmup,
@@ -857,7 +1015,10 @@ def _train(run: RunDir, config: RunConfig, resume: bool, stop_at_step: int | Non
             for group in optimizer.param_groups:
                 group["lr"] = lr
             batches = [next_micro_batch(setup, sampler, train_tokens) for _ in range(config.train.grad_accum)]
-            metrics = train_step(setup, optimizer, batches)
+            try:
+                metrics = train_step(setup, optimizer, batches)
+            except NonFiniteError as err:
+                raise non_finite_stop(run, done.step + 1, err, start_removed()) from None
             # Every rank takes the same decisions: the slowest rank's time drives the time
             # budget and the schedule, and a stop asked of any rank stops all of them.
             agreed = dist.max_across({"seconds": time.perf_counter() - started,
@@ -882,28 +1043,29 @@ def _train(run: RunDir, config: RunConfig, resume: bool, stop_at_step: int | Non
                 if ranks.is_main:
                     append_metrics(run, val)
                     bar.write(f"[lmdistill] step {done.step}: validation perplexity {val['val_ppl']:.2f}")
+                watch.see(done.step, val["val_ppl"])
             if config.train.checkpoint_every and done.step % config.train.checkpoint_every == 0:
                 checkpoint_now()
             if stop_requested or (stop_at_step is not None and done.step >= stop_at_step):
                 checkpoint_now()
                 stopped_early = True
                 break
-    bar.close()
     if stopped_early:
         print(f"[lmdistill] stopped at step {done.step}; checkpoint written. "
               f"Continue with: lmdistill distill --resume {run.root}"
               + (" (under torchrun, with the same launch command)" if ranks.enabled else ""))
         return {"run_dir": str(run.root), "step": done.step, "tokens_seen": done.tokens_seen, "finished": False}
-    return finish_run(run, setup, val_tokens, done, checkpoint_now)
+    return finish_run(run, setup, val_tokens, done, checkpoint_now, watch)
 
 
-def save_student(setup: Setup, out_dir: Path) -> None:
+def save_student(setup: Setup, run: RunDir, out_dir: Path) -> None:
     """The student as an HF folder, written by rank 0 (its full weights gathered first when
     FSDP2 shards it: every rank must call this)."""
     ranks = setup.ranks
     state = dist.full_model_state(setup.objective, ranks, prefix="student.") if dist.is_sharded(setup.objective) else None
     if ranks.is_main:
-        save_model(setup.student, setup.tokenizer, out_dir, state_dict=state)
+        with writing(out_dir, "student", run):
+            save_model(setup.student, setup.tokenizer, out_dir, state_dict=state)
     dist.barrier(ranks)
 
 
@@ -946,14 +1108,16 @@ def restore_rng(state: dict[str, Any], ranks: dist.DistInfo, seed: int, step: in
         torch.manual_seed(seed + 1000 * step + ranks.rank)
 
 
-def finish_run(run: RunDir, setup: Setup, val_tokens: np.ndarray, done: Progress, checkpoint_now) -> dict[str, Any]:
+def finish_run(run: RunDir, setup: Setup, val_tokens: np.ndarray, done: Progress, checkpoint_now,
+               watch: ValidationWatch) -> dict[str, Any]:
     """Final validation, checkpoint, student folder and ``summary.json`` (written last)."""
     ranks = setup.ranks
     final_val = {"step": done.step, "tokens_seen": done.tokens_seen, **validate(setup, val_tokens)}
     if ranks.is_main:
         append_metrics(run, final_val)
+    watch.see(done.step, final_val["val_ppl"])
     checkpoint_now()
-    save_student(setup, run.student)
+    save_student(setup, run, run.student)
     summary = {
         "run_dir": str(run.root), "step": done.step, "tokens_seen": done.tokens_seen, "finished": True,
         "train_seconds": round(done.elapsed, 1), "val_ppl": final_val["val_ppl"],
@@ -961,11 +1125,15 @@ def finish_run(run: RunDir, setup: Setup, val_tokens: np.ndarray, done: Progress
     }
     if ranks.enabled:
         summary["world_size"] = ranks.world_size
+    if watch.warnings:
+        summary["warnings"] = watch.warnings
     if ranks.is_main:
-        write_text_atomic(run.root / "summary.json", json.dumps(summary, indent=2) + "\n")
+        with writing(run.root / "summary.json", "summary", run):
+            write_text_atomic(run.root / "summary.json", json.dumps(summary, indent=2) + "\n")
     dist.barrier(ranks)
     print(f"[lmdistill] done: {done.step} steps, {done.tokens_seen:,} tokens, validation perplexity "
-          f"{final_val['val_ppl']:.2f}; student saved to {run.student}")
+          f"{final_val['val_ppl']:.2f}{' (diverged: see the warning above)' if watch.warnings else ''}; student saved "
+          f"to {run.student}")
     return summary
 
 
