@@ -189,3 +189,16 @@ def test_a_version_2_cache_is_read_with_a_notice_and_its_ids_are_checked(ws, tmp
     # A version-3 build never mixes into a version-2 folder.
     with pytest.raises(TeacherCacheError, match=r"other settings \(train.00000-of-00001.bin: version 2 vs 3\)"):
         build(ws, tmp_path / "v2")
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"temperatures": (2.0, 2.0)}, "temperatures 2, 2 repeat a value"),
+    ({"batch_size": 0}, "batch size must be at least 1"),
+    ({"value_dtype": "fp8"}, "value dtype must be one of fp16, bf16"),
+    ({"block_size": 129}, "block size 129 must be between 1 and the teacher's context of 128 tokens"),
+    ({"top_k": 50257}, "keeps the whole vocabulary: there is no tail to sample; use --tail-samples 0"),
+])
+def test_bad_build_arguments_are_tool_errors_before_anything_is_written(ws, tmp_path, bad, match):
+    with pytest.raises(TeacherCacheError, match=match):  # a DataError, so the CLI reports it in one line
+        build(ws, tmp_path / "c", **bad)
+    assert not (tmp_path / "c").exists()
