@@ -113,6 +113,7 @@ __all__ = [
     "TeacherCacheError",
     "TeacherTargets",
     "BuildResult",
+    "block_checksum",
     "build_teacher_cache",
     "data_fingerprint",
     "part_blocks",
