@@ -19,7 +19,8 @@ log-sum-exp uses the same shift: ``lse_T = logsumexp((logits - max) / T)``, so
 
 Files (``CACHE_DIR/{split}.{part:05d}-of-{parts:05d}.bin``), one per part; a part is a
 contiguous range of blocks, part ``r`` of ``W`` holding blocks ``[r*n//W, (r+1)*n//W)``. Each
-is a 1024-byte little-endian header, then one record per position of the part::
+is a 1024-byte little-endian header, then for each block of the part its ``B`` records (one
+per position) followed by the block's checksum::
 
     offset  type        field
     0       int32       magic CACHE_MAGIC
@@ -42,13 +43,18 @@ is a 1024-byte little-endian header, then one record per position of the part::
     392     64 B        token-shard fingerprint (sha256 of the split's .bin file)
     456     16 B        split name, ascii, zero-padded
     472     int32       tail samples per position and temperature S (0 = none)
-    (zeros up to 1024)
+    (zeros up to 1020)
+    1020    uint32      crc32 of the header's bytes 0..1019
 
     record: values       k x 16-bit        (logit - max), descending
             indices      k x uint16/int32
             lse          n_T x float32     (logsumexp((logit - max) / T) at each temperature)
             tail_ids     n_T x S x uint16/int32  (only when S > 0)
             tail_values  n_T x S x 16-bit        (logit - max of those ids)
+    block:  B records, then uint32 crc32 of the block index (int64) followed by the B records
+
+Version 2 files (before the checksums) have the same header without its checksum and blocks
+without theirs; they are still read, with a notice (see :meth:`TeacherCache.verify`).
 
 Tail samples. At ``T = 2`` a 49,152-token teacher puts most of its mass outside its top 64
 (77% on average for SmolLM2-135M on the bundled corpora), and the tail bucket alone says
@@ -59,15 +65,19 @@ tail part of the gradient unbiased (see :mod:`lmdistill.sparse_kl`). Each block 
 its own generator, seeded by its block index and the temperature's position, so a cache's
 bytes do not depend on the batch size, the number of parts or a resumption.
 
-Every open checks each header (magic, version, codes, geometry) and the exact file size,
-and that all parts agree and are all present; a part still being written has the suffix
-``.partial`` and is never read.
+Every open checks each header (magic, version, header checksum, codes, geometry) and the
+exact file size, and that all parts agree and are all present; a part still being written has
+the suffix ``.partial`` and is never read. It then reads every block once and checks its
+checksum and that every stored id (top-k and tail) is a token of the vocabulary, so a damaged
+cache is refused, naming the file and block, before a run starts; each block read for a batch
+is checked again.
 
 Writes. A part is built in ``NAME.partial`` (the header first, the file at its full size),
-one batch of blocks at a time: each batch's records are written at their offset and
-fsynced, then ``NAME.progress.json`` (blocks done) is replaced atomically. A killed build
-resumes after the last recorded batch, with the recorded batch size, so it writes the same
-bytes as an uninterrupted one; the finished part is fsynced and renamed to ``NAME``.
+one batch of blocks at a time: each batch's blocks (records and checksums) are written at
+their offset and fsynced, then ``NAME.progress.json`` (blocks done) is replaced atomically.
+A killed build resumes after the last recorded batch, with the recorded batch size, so it
+writes the same bytes as an uninterrupted one; the finished part is fsynced and renamed to
+``NAME``.
 """
 
 from __future__ import annotations
@@ -77,6 +87,7 @@ import math
 import os
 import re
 import struct
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -102,6 +113,7 @@ __all__ = [
     "TeacherCacheError",
     "TeacherTargets",
     "BuildResult",
+    "block_checksum",
     "build_teacher_cache",
     "data_fingerprint",
     "part_blocks",
@@ -110,8 +122,12 @@ __all__ = [
 ]
 
 CACHE_MAGIC = 20251201
-CACHE_VERSION = 2
+CACHE_VERSION = 3
+# Version 2 (no checksums) is still read: such caches took hours to build, and their ids are
+# range-checked like any other (TeacherCache.verify prints a notice).
+READABLE_VERSIONS = (2, 3)
 HEADER_BYTES = 1024
+_HEADER_CHECKSUM_AT = HEADER_BYTES - 4  # version 3: crc32 of the header bytes before it
 MAX_TEMPERATURES = 16
 _HEADER = struct.Struct("<iiiiiiqqqqqii16d64s64s64s64s16si")
 MAX_TAIL_SAMPLES = 4096
@@ -167,6 +183,11 @@ class CacheHeader:
     data_fingerprint: str
     split: str
     tail_samples: int = 0
+    version: int = CACHE_VERSION
+
+    @property
+    def has_checksums(self) -> bool:
+        return self.version >= 3
 
     @property
     def record_dtype(self) -> np.dtype:
@@ -179,12 +200,28 @@ class CacheHeader:
         return np.dtype(fields)
 
     @property
+    def block_dtype(self) -> np.dtype:
+        """One block as stored: ``records`` (``B`` of :attr:`record_dtype`), then from version 3
+        its ``checksum`` (see :func:`block_checksum`)."""
+        fields = [("records", self.record_dtype, (self.block_size,))]
+        return np.dtype(fields + [("checksum", "<u4")] if self.has_checksums else fields)
+
+    @property
     def num_blocks(self) -> int:
         return self.total_positions // self.block_size
 
     @property
+    def first_block(self) -> int:
+        """The global index of this part's first block."""
+        return self.part_start // self.block_size
+
+    @property
+    def part_num_blocks(self) -> int:
+        return self.part_positions // self.block_size
+
+    @property
     def file_bytes(self) -> int:
-        return HEADER_BYTES + self.part_positions * self.record_dtype.itemsize
+        return HEADER_BYTES + self.part_num_blocks * self.block_dtype.itemsize
 
     def settings(self) -> CacheHeader:
         """The header with its part fields zeroed: what every part of one cache shares."""
@@ -194,13 +231,20 @@ class CacheHeader:
         value_code = {v: c for c, v in _VALUE_CODES.items()}[self.value_dtype]
         temps = list(self.temperatures) + [0.0] * (MAX_TEMPERATURES - len(self.temperatures))
         head = _HEADER.pack(
-            CACHE_MAGIC, CACHE_VERSION, self.k, value_code, self.index_code, len(self.temperatures),
+            CACHE_MAGIC, self.version, self.k, value_code, self.index_code, len(self.temperatures),
             self.vocab_size, self.block_size, self.total_positions, self.part_start, self.part_positions,
             self.part, self.parts, *temps, self.teacher_fingerprint.encode("ascii"),
             self.teacher_config_fingerprint.encode("ascii"), self.tokenizer_fingerprint.encode("ascii"),
             self.data_fingerprint.encode("ascii"), self.split.encode("ascii"), self.tail_samples,
-        )
-        return head.ljust(HEADER_BYTES, b"\0")
+        ).ljust(_HEADER_CHECKSUM_AT, b"\0")
+        checksum = zlib.crc32(head) if self.has_checksums else 0
+        return head + struct.pack("<I", checksum)
+
+
+def block_checksum(block: int, records: np.ndarray) -> int:
+    """crc32 of the global block index (int64) followed by the block's record bytes: a block
+    stored at another block's place fails it as surely as a damaged one."""
+    return zlib.crc32(records, zlib.crc32(struct.pack("<q", block)))
 
 
 def _fail(path: Path, problem: str) -> TeacherCacheError:
@@ -208,6 +252,16 @@ def _fail(path: Path, problem: str) -> TeacherCacheError:
         f"teacher cache file {path}: {problem}; rebuild it with lmdistill cache-teacher (it is a derived cache, "
         f"safe to delete)"
     )
+
+
+def _damaged(path: Path, problem: str) -> TeacherCacheError:
+    """A part whose bytes are damaged: deleting it and rerunning its build redoes that part only."""
+    m = _PART_RE.match(path.name.removesuffix(".partial"))  # the name, not a header that may be damaged too
+    parts = int(m["parts"]) if m else 1
+    which = "it" if parts == 1 else \
+        f"this part (--rank {int(m['part'])} --world-size {parts}; the other parts are kept)"
+    return TeacherCacheError(f"teacher cache file {path}: {problem}; the file is damaged: delete it and rerun the "
+                             f"lmdistill cache-teacher command that built {which}")
 
 
 def read_header(path: Path) -> CacheHeader:
@@ -222,8 +276,13 @@ def read_header(path: Path) -> CacheHeader:
     split_raw, tail_samples = fields[17 + MAX_TEMPERATURES : 19 + MAX_TEMPERATURES]
     if magic != CACHE_MAGIC:
         raise _fail(path, f"bad magic number {magic} (expected {CACHE_MAGIC}); not an lmdistill teacher cache")
-    if version != CACHE_VERSION:
-        raise _fail(path, f"format version {version}, this lmdistill reads version {CACHE_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise _fail(path, f"format version {version}, this lmdistill reads versions "
+                          f"{', '.join(map(str, READABLE_VERSIONS))}")
+    if version >= 3:
+        (stored,) = struct.unpack_from("<I", raw, _HEADER_CHECKSUM_AT)
+        if stored != zlib.crc32(raw[:_HEADER_CHECKSUM_AT]):
+            raise _damaged(path, "its header fails its checksum")
     if value_code not in _VALUE_CODES or index_code not in _INDEX_DTYPES:
         raise _fail(path, f"unknown value/index dtype codes {value_code}/{index_code}")
     if not 1 <= n_t <= MAX_TEMPERATURES or not all(math.isfinite(t) and t > 0 for t in temps[:n_t]):
@@ -245,11 +304,12 @@ def read_header(path: Path) -> CacheHeader:
     except UnicodeDecodeError:
         raise _fail(path, "fingerprints or split name are not ascii") from None
     header = CacheHeader(k, _VALUE_CODES[value_code], index_code, vocab, block, total, start, count, part, parts,
-                         tuple(temps[:n_t]), teacher_fp, config_fp, tokenizer_fp, data_fp, split, tail_samples)
+                         tuple(temps[:n_t]), teacher_fp, config_fp, tokenizer_fp, data_fp, split, tail_samples,
+                         version)
     if size != header.file_bytes:
         state = "truncated" if size < header.file_bytes else "padded"
-        raise _fail(path, f"{state}: {size} bytes on disk, header says {count} positions of "
-                          f"{header.record_dtype.itemsize} bytes = {header.file_bytes} bytes")
+        raise _damaged(path, f"{state}: {size} bytes on disk, header says {header.part_num_blocks} blocks of "
+                             f"{block} positions = {header.file_bytes} bytes")
     return header
 
 
@@ -269,14 +329,64 @@ def _temperatures_text(temps: Sequence[float]) -> str:
     return ", ".join(f"{t:g}" for t in temps)
 
 
+def _check_ids(path: Path, header: CacheHeader, records: np.ndarray, blocks: np.ndarray) -> None:
+    """Every token id in ``records`` (``(n, B)``, of the blocks with global indices ``blocks``),
+    top-k and tail, is one of the vocabulary's."""
+    B = header.block_size
+    for field, what in (("indices", "top-k token id"), ("tail_ids", "tail-sample token id")):
+        if field not in records.dtype.names:
+            continue
+        ids = records[field]
+        if ids.max(initial=0) < header.vocab_size and ids.min(initial=0) >= 0:
+            continue  # the usual case, without a mask's worth of memory
+        row, pos, *rest = np.argwhere((ids >= header.vocab_size) | (ids < 0))[0]
+        block = int(blocks[row])
+        raise _damaged(path, f"block {block} (positions {block * B}..{block * B + B - 1}), position "
+                             f"{block * B + pos}: {what} {ids[(row, pos, *rest)]} is outside the vocabulary of "
+                             f"{header.vocab_size:,} tokens")
+
+
+def _check_checksums(path: Path, header: CacheHeader, records: np.ndarray, checksums: np.ndarray,
+                     blocks: np.ndarray) -> None:
+    """Each block of ``records`` matches its stored checksum."""
+    B = header.block_size
+    for row, block in enumerate(blocks.tolist()):
+        computed, recorded = block_checksum(block, records[row]), int(checksums[row])
+        if computed != recorded:
+            raise _damaged(path, f"block {block} (positions {block * B}..{block * B + B - 1}) fails its checksum "
+                                 f"(stored {recorded:08x}, computed {computed:08x})")
+
+
+def _check_blocks(path: Path, header: CacheHeader, records: np.ndarray, checksums: np.ndarray | None,
+                  blocks: np.ndarray) -> None:
+    """Refuse damaged blocks: ``records`` ``(n, B)`` of the blocks ``blocks`` (global indices) of
+    the part ``path``, with their stored ``checksums`` (None in a version-2 file)."""
+    _check_ids(path, header, records, blocks)  # first: it can name the position
+    if checksums is not None:
+        _check_checksums(path, header, records, checksums, blocks)
+
+
+# Part files this process has verified, keyed by (path, size, mtime, inode): a run opens its
+# cache more than once (config checks, then set-up) and reads a large one through once.
+_VERIFIED: set[tuple[str, int, int, int]] = set()
+_VERIFY_CHUNK_BYTES = 1 << 24
+
+
+def _file_key(path: Path) -> tuple[str, int, int, int]:
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns, stat.st_ino
+
+
 class TeacherCache:
     """A complete teacher cache for one split: every part present and verified.
 
     ``targets(blocks, T)`` returns the stored targets of those blocks (the sampler's block
-    indices); the files are memory-mapped, so only the blocks asked for are read.
+    indices); the files are memory-mapped, so only the blocks asked for are read, and each
+    is checked again as it is read. ``verify=False`` skips :meth:`verify` at open (the
+    headers are checked all the same).
     """
 
-    def __init__(self, root: str | Path, split: str = "train") -> None:
+    def __init__(self, root: str | Path, split: str = "train", *, verify: bool = True) -> None:
         self.root = Path(root)
         self.split = split
         if not self.root.is_dir():
@@ -316,7 +426,34 @@ class TeacherCache:
                 raise _fail(path, f"header says part {header.part} of {header.parts}, its name another (renamed?)")
         self.header = first
         self._maps: list[np.ndarray | None] = [None] * parts
-        self._starts = np.array([h.part_start // first.block_size for h in self.headers], dtype=np.int64)
+        self._starts = np.array([h.first_block for h in self.headers], dtype=np.int64)
+        if verify:
+            self.verify()
+
+    def verify(self) -> None:
+        """Read every block once and check its checksum and its token ids (see
+        :func:`_check_blocks`); a part this process verified before, unchanged since, is skipped.
+
+        A version-2 cache has no checksums: its ids are checked, and a notice says that damage
+        to its values cannot be detected.
+        """
+        scanned = False
+        for part, (path, header) in enumerate(zip(self.paths, self.headers)):
+            key = _file_key(path)
+            if key in _VERIFIED:
+                continue
+            stored = self._blocks(part)
+            step = max(1, _VERIFY_CHUNK_BYTES // header.block_dtype.itemsize)
+            for start in range(0, len(stored), step):
+                chunk = stored[start : start + step]
+                _check_blocks(path, header, chunk["records"], chunk["checksum"] if header.has_checksums else None,
+                              header.first_block + np.arange(start, start + len(chunk)))
+            _VERIFIED.add(key)
+            scanned = True
+        if scanned and not self.header.has_checksums:
+            print(f"[lmdistill] teacher cache {self.root} is in format version {self.header.version}, without "
+                  f"checksums: its token ids are range-checked, but damaged values would go unnoticed; rebuild "
+                  f"it with lmdistill cache-teacher (into a new --out) to add them")
 
     # -- facts -------------------------------------------------------------------------
     @property
@@ -390,25 +527,32 @@ class TeacherCache:
                 f"loss.temperature to one of them, or rebuild the cache with --temperatures including {temperature:g}")
 
     # -- data --------------------------------------------------------------------------
-    def _records(self, part: int) -> np.ndarray:
+    def _blocks(self, part: int) -> np.ndarray:
+        """The stored blocks of ``part`` (:attr:`CacheHeader.block_dtype`), memory-mapped."""
         if self._maps[part] is None:
             h = self.headers[part]
-            self._maps[part] = np.memmap(self.paths[part], dtype=h.record_dtype, mode="r", offset=HEADER_BYTES,
-                                         shape=(h.part_positions,))
+            self._maps[part] = np.memmap(self.paths[part], dtype=h.block_dtype, mode="r", offset=HEADER_BYTES,
+                                         shape=(h.part_num_blocks,))
         return self._maps[part]  # type: ignore[return-value]
 
     def records(self, blocks: Sequence[int] | np.ndarray) -> np.ndarray:
-        """The raw records of ``blocks``, ``(len(blocks), block_size)`` of :attr:`CacheHeader.record_dtype`."""
+        """The raw records of ``blocks``, ``(len(blocks), block_size)`` of :attr:`CacheHeader.record_dtype`,
+        each block checked (checksum, token ids) as it is read."""
         blocks = np.asarray(blocks, dtype=np.int64).reshape(-1)
         if blocks.size and (blocks.min() < 0 or blocks.max() >= self.num_blocks):
             raise TeacherCacheError(f"teacher cache {self.root} has blocks 0..{self.num_blocks - 1}, asked for "
                                     f"{blocks.min()}..{blocks.max()}")
-        B = self.block_size
-        out = np.empty((blocks.size, B), dtype=self.header.record_dtype)
+        out = np.empty((blocks.size, self.block_size), dtype=self.header.record_dtype)
+        checksums = np.zeros(blocks.size, dtype=np.uint32)
         parts = np.searchsorted(self._starts, blocks, side="right") - 1
         for row, (block, part) in enumerate(zip(blocks, parts)):
-            local = int(block - self._starts[part])
-            out[row] = self._records(int(part))[local * B : (local + 1) * B]
+            stored = self._blocks(int(part))[int(block - self._starts[part])]
+            out[row] = stored["records"]
+            if self.header.has_checksums:
+                checksums[row] = stored["checksum"]
+            # The copy is checked: what the loss sees is what passed.
+            _check_blocks(self.paths[part], self.headers[part], out[row : row + 1],
+                          checksums[row : row + 1] if self.header.has_checksums else None, blocks[row : row + 1])
         return out
 
     def targets(self, blocks: Sequence[int] | np.ndarray, temperature: float) -> TeacherTargets:
@@ -447,12 +591,12 @@ class BuildResult:
 def _temperature_list(temperatures: Sequence[float]) -> tuple[float, ...]:
     temps = tuple(float(t) for t in temperatures)
     if not 1 <= len(temps) <= MAX_TEMPERATURES:
-        raise ValueError(f"give 1 to {MAX_TEMPERATURES} temperatures, got {len(temps)}")
+        raise TeacherCacheError(f"give 1 to {MAX_TEMPERATURES} temperatures, got {len(temps)}")
     bad = [t for t in temps if not (math.isfinite(t) and t > 0)]
     if bad:
-        raise ValueError(f"temperatures must be finite numbers > 0, got {bad[0]}")
+        raise TeacherCacheError(f"temperatures must be finite numbers > 0, got {bad[0]}")
     if len({round(t, 12) for t in temps}) != len(temps):
-        raise ValueError(f"temperatures {_temperatures_text(temps)} repeat a value")
+        raise TeacherCacheError(f"temperatures {_temperatures_text(temps)} repeat a value")
     return temps
 
 
@@ -487,8 +631,9 @@ def _check_existing(out_dir: Path, header: CacheHeader) -> None:
 
 
 def _settings_difference(a: CacheHeader, b: CacheHeader) -> str:
-    names = ("k", "tail_samples", "value_dtype", "vocab_size", "block_size", "total_positions", "temperatures",
-             "teacher_fingerprint", "teacher_config_fingerprint", "tokenizer_fingerprint", "data_fingerprint")
+    names = ("version", "k", "tail_samples", "value_dtype", "vocab_size", "block_size", "total_positions",
+             "temperatures", "teacher_fingerprint", "teacher_config_fingerprint", "tokenizer_fingerprint",
+             "data_fingerprint")
     diffs = [f"{n} {getattr(a, n)} vs {getattr(b, n)}" if "fingerprint" not in n else f"another {n.replace('_fingerprint', '')}"
              for n in names if getattr(a, n) != getattr(b, n)]
     return "; ".join(diffs) or "header differs"
@@ -568,23 +713,25 @@ def build_teacher_cache(
     """
     out_dir = Path(out_dir)
     if value_dtype not in _VALUE_TORCH:
-        raise ValueError(f"value dtype must be one of {', '.join(_VALUE_TORCH)}, got {value_dtype!r}")
+        raise TeacherCacheError(f"value dtype must be one of {', '.join(_VALUE_TORCH)}, got {value_dtype!r}")
     temps = _temperature_list(temperatures)
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world size {world_size}")
+        raise TeacherCacheError(f"need 0 <= rank < world_size, got rank {rank}, world size {world_size}")
     if batch_size < 1:
-        raise ValueError(f"batch size must be at least 1, got {batch_size}")
+        raise TeacherCacheError(f"batch size must be at least 1, got {batch_size}")
     vocab = teacher.get_output_embeddings().weight.shape[0] if teacher.get_output_embeddings() is not None \
         else teacher.config.vocab_size
     if not 1 <= top_k <= vocab:
-        raise ValueError(f"top-k must be between 1 and the teacher's vocabulary of {vocab:,}, got {top_k}")
+        raise TeacherCacheError(f"top-k must be between 1 and the teacher's vocabulary of {vocab:,}, got {top_k}")
     if isinstance(tail_samples, bool) or not 0 <= tail_samples <= MAX_TAIL_SAMPLES:
-        raise ValueError(f"tail samples must be between 0 and {MAX_TAIL_SAMPLES}, got {tail_samples}")
+        raise TeacherCacheError(f"tail samples must be between 0 and {MAX_TAIL_SAMPLES}, got {tail_samples}")
     if tail_samples and top_k == vocab:
-        raise ValueError(f"top-k {top_k} keeps the whole vocabulary: there is no tail to sample; use --tail-samples 0")
+        raise TeacherCacheError(f"top-k {top_k} keeps the whole vocabulary: there is no tail to sample; use "
+                                f"--tail-samples 0")
     context = config_context_length(teacher.config)
     if block_size < 1 or (context is not None and block_size > context):
-        raise ValueError(f"block size {block_size} must be between 1 and the teacher's context of {context} tokens")
+        raise TeacherCacheError(f"block size {block_size} must be between 1 and the teacher's context of {context} "
+                                f"tokens")
     if data.fingerprint != tokenizer_fingerprint:
         raise DataError(f"{data.out_dir} was prepared with another tokenizer than the teacher's; prepare it with "
                         f"lmdistill prepare --tokenizer TEACHER")
@@ -630,7 +777,7 @@ def build_teacher_cache(
         write_text_atomic(progress_path, json.dumps({"blocks_done": 0, "batch_size": step}) + "\n")
     resumed_from = done
 
-    record_size = header.record_dtype.itemsize
+    stored_block = header.block_dtype
     teacher.eval()
     bar = tqdm(total=blocks_total, initial=done, unit="block", disable=not progress, dynamic_ncols=True,
                desc=f"cache-teacher part {rank}/{world_size}")
@@ -643,7 +790,8 @@ def build_teacher_cache(
             window = np.asarray(tokens)[starts[:, None] + np.arange(block_size)]
             rec = teacher_records(teacher, torch.from_numpy(window.astype(np.int64)), top_k, temps,
                                   header.record_dtype, value_dtype, tail_samples, first + done)
-            os.pwrite(fd, rec.tobytes(), HEADER_BYTES + done * block_size * record_size)
+            os.pwrite(fd, _stored_blocks(rec, first + done, stored_block).tobytes(),
+                      HEADER_BYTES + done * stored_block.itemsize)
             os.fsync(fd)
             done += count
             batches += 1
@@ -658,6 +806,16 @@ def build_teacher_cache(
     progress_path.unlink(missing_ok=True)
     read_header(final)
     return BuildResult(final, True, done, blocks_total, resumed_from)
+
+
+def _stored_blocks(records: np.ndarray, first_block: int, block_dtype: np.dtype) -> np.ndarray:
+    """``records`` of consecutive blocks from ``first_block`` as stored: each block's records
+    followed by its :func:`block_checksum`."""
+    stored = np.empty(len(records) // block_dtype["records"].shape[0], dtype=block_dtype)
+    stored["records"] = records.reshape(stored["records"].shape)
+    for row in range(len(stored)):
+        stored["checksum"][row] = block_checksum(first_block + row, stored["records"][row])
+    return stored
 
 
 def _file_starts_with(path: Path, prefix: bytes) -> bool:

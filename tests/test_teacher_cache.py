@@ -218,10 +218,10 @@ def test_resume_after_a_kill_writes_the_same_bytes(ws, tmp_path):
         TeacherCache(out)
     # A kill after the next batch reached the disk but before its progress was recorded: the
     # resumed run redoes that batch (and never trusts bytes past the recorded progress).
-    record = TeacherCache(ws["cache"]).header.record_dtype.itemsize
+    block = TeacherCache(ws["cache"]).header.block_dtype.itemsize  # B records and the block's checksum
     with open(first.path, "r+b") as fh:
-        fh.seek(HEADER_BYTES + 12 * B * record)
-        fh.write(b"\xff" * (4 * B * record))
+        fh.seek(HEADER_BYTES + 12 * block)
+        fh.write(b"\xff" * (4 * block))
     assert json.loads((out / "train.00000-of-00001.progress.json").read_text())["blocks_done"] == 12
     second = build(ws, out, batch_size=7)  # the interrupted run's batch size is kept, so the bytes match
     assert second.complete and second.resumed_from == 12
