@@ -104,17 +104,23 @@ def test_two_runs_started_on_one_folder_one_is_refused_naming_the_other(recipe, 
 
 def test_resume_while_the_run_is_alive_is_refused(recipe, tmp_path, capfd):
     run = tmp_path / "run"
-    proc = cli(["distill", "--config", str(recipe), "--out", str(run)])
+    # A budget it never reaches: the test stops it with Ctrl-C once the refusals are checked.
+    proc = cli(["distill", "--config", str(recipe), "--out", str(run), "train.max_steps=100000"])
     try:
         wait_for(lambda: len(losses(run)) >= 1, proc)
-        for argv in (["distill", "--resume", str(run)], ["distill", "--config", str(recipe), "--out", str(run)]):
+        for argv in (["distill", "--resume", str(run)],
+                     ["distill", "--config", str(recipe), "--out", str(run), "train.max_steps=100000"]):
             assert main(argv) == 2
             err = capfd.readouterr().err
-            assert error_lines(err) == [error_lines(err)[0]] and f"pid {proc.pid}" in error_lines(err)[0], err
+            assert len(error_lines(err)) == 1 and f"pid {proc.pid}" in error_lines(err)[0], err
+        assert proc.poll() is None, "the run ended before the refusals were checked"
     finally:
+        proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, out
-    assert json.loads((run / "summary.json").read_text())["step"] == STEPS
+    assert proc.returncode == 130, out
+    steps = sorted(losses(run))
+    assert steps == list(range(1, len(steps) + 1))  # the refused processes wrote nothing
+    assert RunDir(run).latest_checkpoint().name == f"step_{steps[-1]:06d}"
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
