@@ -861,6 +861,7 @@ def run_training(config: RunConfig | None, out_dir: Path, resume: bool = False, 
         raise ValueError("a resumed run loads its student from the checkpoint; do not pass setup")
     lock = RunLock(run) if ranks.is_main else None  # rank 0 alone writes the run directory
     made, done = None, Progress()
+    new_start = False  # True once this process holds the folder, checked new or empty, for a new run
     with dist.quiet_unless_main(ranks):
         try:
             if lock is not None and (run.config.is_file() or run.lock_file.is_file()):
@@ -870,10 +871,10 @@ def run_training(config: RunConfig | None, out_dir: Path, resume: bool = False, 
                 made = make_folder(run.root)
                 lock.acquire()
                 check_run_dir(run, config, resume)  # again: a run may have started and ended there meanwhile
+            new_start = lock is not None and lock.held and not resume
             summary = _resume_or_train(run, config, resume, stop_at_step, progress, setup, ranks, done)
         except BaseException:
-            if lock is not None and lock.held and not resume and done.step == 0:
-                # A start that failed leaves nothing behind (only under our lock: the folder may be another's).
+            if new_start and done.step == 0:  # a start that failed leaves nothing behind
                 remove_failed_start(run, made)
             raise
         finally:

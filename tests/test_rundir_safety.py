@@ -356,3 +356,13 @@ def test_validation_watch_reads_the_resumed_runs_history():
     assert len(watch.warnings) == 1  # under 10x the best: noise, not divergence
     watch.see(20, float("nan"))
     assert len(watch.warnings) == 2
+
+
+def test_refused_start_on_a_finished_run_leaves_it_whole(recipe, tmp_path):
+    run = tmp_path / "run"
+    run_training(load_config(recipe, ["train.max_steps=2"]), run, progress=False)
+    before = sorted((str(p.relative_to(run)), p.stat().st_size) for p in run.rglob("*") if p.is_file())
+    for config in (load_config(recipe, ["train.max_steps=2"]), load_config(recipe, ["train.max_steps=3"])):
+        with pytest.raises(RunDirError, match="holds (this|a different) run"):
+            run_training(config, run, progress=False)
+    assert sorted((str(p.relative_to(run)), p.stat().st_size) for p in run.rglob("*") if p.is_file()) == before
