@@ -234,6 +234,13 @@ def snapshot(folder: Path) -> dict[str, str]:
     return state
 
 
+def test_cases_have_distinct_names_and_commands():
+    assert len({case.name for case in CASES}) == len(CASES)
+    commands = {case.argv.split()[0] for case in CASES}
+    assert commands == {"prepare", "init-student", "cache-teacher", "distill", "eval", "generate", "bench", "report",
+                        "demo"}
+
+
 @pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
 def test_bad_input_gives_one_clear_line_and_changes_nothing(case, ws, tmp_path, capfd, monkeypatch):
     case_dir = tmp_path / "case"

@@ -272,8 +272,8 @@ def _check_stream(tokens: np.ndarray | Tensor) -> np.ndarray | Tensor:
             "join documents with EOS and flatten first"
         )
     if len(stream) < 2:
-        raise DataError(f"the text tokenises to {len(stream)} token(s), too few to score (one token predicts the "
-                        "next); pass a longer text")
+        raise DataError(f"the text tokenises to {len(stream)} token(s); scoring needs at least 2 (one token "
+                        "predicts the next); pass a longer text")
     return stream
 
 
