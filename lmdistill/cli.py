@@ -24,10 +24,6 @@ from pathlib import Path
 
 from .errors import LmdistillError
 
-# Quiet transformers' offline-hub chatter and tokenizers' fork warning before they load.
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
 # cache-teacher's tail samples per position and temperature. On the demo recipe (top-64, T=2)
 # 256 kept the validation perplexity within 3% of the live teacher's at every evaluation and 64
 # did not (docs/teacher_cache.md, "Measured").
@@ -523,6 +519,11 @@ def main(argv: list[str] | None = None) -> int:
     named path are printed as one line ``lmdistill CMD: error: MESSAGE``; anything else is a bug
     and keeps its traceback. ``LMDISTILL_DEBUG=1`` shows the traceback for every error.
     """
+    # Quiet transformers' offline-hub chatter and tokenizers' fork warning before they load (the
+    # commands import them lazily). Set here, not on import, so importing this module changes
+    # nothing for a program that uses the library.
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     parser = build_parser()
     try:
         args = parse_arguments(parser, argv)
