@@ -220,7 +220,7 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
         data = load_prepared(folder)
         if data.fingerprint != fingerprint:
             raise DataError(f"{folder} was prepared with another tokenizer than {args.teacher}'s; prepare the text "
-                             f"with lmdistill prepare --tokenizer {args.teacher}")
+                            f"with lmdistill prepare --tokenizer {args.teacher}")
     else:
         for spec in args.data:
             parse_source(spec)  # fail on a bad source before tokenising
