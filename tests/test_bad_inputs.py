@@ -42,6 +42,7 @@ class Case:
     expect: str  # text the error line must hold (formatted like argv)
     setup: Setup | None = None
     stdin: str = ""
+    known_bug: str = ""  # a case that fails today: why, and where the fix belongs (strict xfail)
 
 
 # ---------------------------------------------------------------------------------------
@@ -71,6 +72,21 @@ def model_copy(name: str, drop: str | None = None, truncate: str | None = None,
     return build
 
 
+def run_folder(name: str, overrides: tuple[str, ...] = ()) -> Setup:
+    """A finished run of the ws recipe (with ``overrides``), as far as its files go: config.yaml,
+    metrics.jsonl, summary.json and the (unlocked) .lock file every run folder keeps."""
+    def build(tmp: Path, ws: dict[str, Path]) -> None:
+        from lmdistill.config import load_config
+
+        folder = tmp / name
+        folder.mkdir()
+        (folder / "config.yaml").write_text(load_config(ws["recipe"], list(overrides)).to_yaml())
+        (folder / "metrics.jsonl").write_text('{"step": 1, "loss": 3.5}\n')
+        (folder / "summary.json").write_text('{"finished": true, "step": 1}\n')
+        (folder / ".lock").write_text("")
+    return build
+
+
 def both(*setups: Setup) -> Setup:
     def build(tmp: Path, ws: dict[str, Path]) -> None:
         for setup in setups:
@@ -83,6 +99,8 @@ MINE = write("mine/keep.txt", "not a run\n")  # a non-empty folder that is not a
 SPLITS = both(*(write(f"splits/{s}.txt", "Call me Ishmael.\n") for s in ("train", "validation", "test")))
 
 DISTILL = "distill --config {recipe} --out {tmp}/run"
+RUN_DELETED = ("train.run_training refuses the start, then remove_failed_start empties the existing run folder it "
+               "locked (fix in train.py: clean up only after check_run_dir passed)")
 CACHE_TEACHER = "cache-teacher --teacher {teacher} --data {text} --out {tmp}/cache"
 
 CASES = [
@@ -146,6 +164,10 @@ CASES = [
     # -- run folders that exist without being runs
     Case("distill-out-is-a-file", "distill --config {recipe} --out {tmp}/notes.txt", "{tmp}/notes.txt", NOTES),
     Case("distill-out-not-empty", "distill --config {recipe} --out {tmp}/mine", "{tmp}/mine", MINE),
+    Case("distill-out-holds-this-run", "distill --config {recipe} --out {tmp}/run1", "--resume {tmp}/run1",
+         run_folder("run1"), known_bug=RUN_DELETED),
+    Case("distill-out-holds-another-run", "distill --config {recipe} --out {tmp}/run1 train.max_steps=5",
+         "a different run", run_folder("run1"), known_bug=RUN_DELETED),
     Case("resume-folder-without-run", "distill --resume {tmp}/mine", "{tmp}/mine", MINE),
     Case("resume-with-config", "distill --resume {tmp}/mine --config {recipe}", "--config", MINE),
     Case("demo-out-not-empty", "demo --out {tmp}/mine --minutes 1", "{tmp}/mine", MINE),
@@ -225,12 +247,19 @@ def ws(tmp_path_factory, gpt2_tokenizer) -> dict[str, Path]:
     return paths
 
 
+LOCK_FILE = ".lock"  # a run folder's lock: each process that takes it writes its pid there
+
+
 def snapshot(folder: Path) -> dict[str, str]:
-    """Every file's sha256 and every folder, by path relative to ``folder``."""
+    """Every file's sha256 and every folder, by path relative to ``folder`` (a run's lock file by
+    its presence only: taking the lock to look at a run is not a change to the run)."""
     state = {}
     for path in sorted(folder.rglob("*")):
         rel = str(path.relative_to(folder))
-        state[rel] = "folder" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+        if path.is_dir():
+            state[rel] = "folder"
+        else:
+            state[rel] = "lock" if path.name == LOCK_FILE else hashlib.sha256(path.read_bytes()).hexdigest()
     return state
 
 
@@ -241,7 +270,12 @@ def test_cases_have_distinct_names_and_commands():
                         "demo"}
 
 
-@pytest.mark.parametrize("case", CASES, ids=[case.name for case in CASES])
+def _param(case: Case):
+    marks = [pytest.mark.xfail(strict=True, reason=case.known_bug)] if case.known_bug else []
+    return pytest.param(case, id=case.name, marks=marks)
+
+
+@pytest.mark.parametrize("case", [_param(case) for case in CASES])
 def test_bad_input_gives_one_clear_line_and_changes_nothing(case, ws, tmp_path, capfd, monkeypatch):
     case_dir = tmp_path / "case"
     case_dir.mkdir()
