@@ -130,7 +130,8 @@ CASES = [
     Case("override-malformed-before-options", "distill trainmax_steps=3 --config {recipe} --out {tmp}/run",
          "trainmax_steps=3"),
     Case("override-malformed-after-options", f"{DISTILL} train.max_steps", "train.max_steps"),
-    Case("override-between-options", "distill --config {recipe} train.lr=fast --out {tmp}/run", "train.lr"),
+    Case("override-between-options", "distill --config {recipe} train.lr=fast --out {tmp}/run train.max_steps=2",
+         "train.lr"),
     Case("unknown-option", "distill --config {recipe} --outt {tmp}/run", "--outt"),
     # -- data sources
     Case("source-missing", "prepare --tokenizer {teacher} --source {tmp}/missing.txt --out {tmp}/data",
