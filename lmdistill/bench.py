@@ -29,8 +29,10 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
+from lmdistill.errors import LmdistillError
 from lmdistill.generate import check_length, model_eos_token_id
 from lmdistill.models import (
+    ModelError,
     classify_model_spec,
     config_context_length,
     count_parameters,
@@ -41,10 +43,12 @@ from lmdistill.models import (
     model_device,
     resolve_device,
     tokenizer_fingerprint,
+    weight_files,
 )
 
 __all__ = [
     "BenchConfig",
+    "BenchError",
     "GenerationSpeed",
     "bench_models",
     "format_bench",
@@ -55,6 +59,15 @@ __all__ = [
     "parameter_counts",
     "size_on_disk",
 ]
+
+
+class BenchError(LmdistillError):
+    """Benchmark settings or models that cannot be measured together; the message names the fix."""
+
+
+class WeightFilesError(BenchError, FileNotFoundError):
+    """A folder without weight files. Also a FileNotFoundError, which it was before the tool had its
+    own error classes, so callers catching that keep working."""
 
 
 @dataclass
@@ -197,10 +210,6 @@ def parameter_counts(model: nn.Module) -> dict[str, int]:
     }
 
 
-# Written by the HF Trainer next to the weights, but not weights.
-_NOT_WEIGHTS = {"training_args.bin"}
-
-
 def size_on_disk(folder: Path) -> int:
     """Bytes of the weight files in a saved Hugging Face folder.
 
@@ -210,12 +219,11 @@ def size_on_disk(folder: Path) -> int:
     """
     folder = Path(folder)
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder; pass the folder that save_pretrained wrote")
-    for pattern in ("*.safetensors", "*.bin"):
-        files = [f for f in folder.glob(pattern) if f.is_file() and f.name not in _NOT_WEIGHTS]
-        if files:
-            return sum(f.stat().st_size for f in files)
-    raise FileNotFoundError(f"no weight files (*.safetensors, *.bin) in {folder}; save the model there with save_pretrained")
+        raise WeightFilesError(f"{folder} is not a folder; pass the folder that save_pretrained wrote")
+    files = weight_files(folder)
+    if files:
+        return sum(f.stat().st_size for f in files)
+    raise WeightFilesError(f"no weight files (*.safetensors, *.bin) in {folder}; save the model there with save_pretrained")
 
 
 # =========================================================================== bench_models
@@ -253,13 +261,13 @@ class BenchConfig:
         for name in ("prompt_tokens", "new_tokens", "repeats", "batch_size", "seq_len"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+                raise BenchError(f"{name} must be an integer >= 1, got {value!r}")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
-            raise ValueError(f"warmup must be an integer >= 0, got {self.warmup!r}")
+            raise BenchError(f"warmup must be an integer >= 0, got {self.warmup!r}")
         if not isinstance(self.device, str) or not (
             self.device in _DEVICE_NAMES or re.fullmatch(r"cuda(:\d+)?", self.device)
         ):
-            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
+            raise BenchError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
 
 
 class _Clock:
@@ -361,7 +369,7 @@ def _text_ids(tokenizer, count: int) -> list[int]:
             break
         chars *= 2
     if not ids:
-        raise ValueError("the benchmark text tokenised to nothing")
+        raise ModelError("the benchmark text tokenised to nothing; check the models' tokenizer")
     while len(ids) < count:
         ids = ids + ids
     return ids[:count]
@@ -375,7 +383,7 @@ def _check_specs(specs: list[str], config: BenchConfig):
         groups.setdefault(tokenizer_fingerprint(tok), []).append(spec)
     if len(groups) > 1:
         listing = "; ".join(" = ".join(group) for group in groups.values())
-        raise ValueError(
+        raise BenchError(
             "bench feeds every model the same token ids, so all models must share one tokenizer; "
             f"these differ ({listing}). Benchmark models with different tokenizers in separate calls."
         )
@@ -385,12 +393,14 @@ def _check_specs(specs: list[str], config: BenchConfig):
         if limit is None:
             continue
         if config.prompt_tokens + config.new_tokens > limit:
-            raise ValueError(
+            raise BenchError(
                 f"model {spec}: prompt_tokens + new_tokens = {config.prompt_tokens} + {config.new_tokens} "
-                f"exceeds its context of {limit} positions; lower prompt_tokens or new_tokens"
+                f"exceeds its context of {limit} positions; lower prompt_tokens or new_tokens (--prompt-tokens, "
+                f"--new-tokens)"
             )
         if config.seq_len > limit:
-            raise ValueError(f"model {spec}: seq_len {config.seq_len} exceeds its context of {limit} positions; lower seq_len")
+            raise BenchError(f"model {spec}: seq_len {config.seq_len} exceeds its context of {limit} positions; lower "
+                             f"seq_len (--seq-len)")
     return tokenizers[specs[0]]
 
 
@@ -567,7 +577,8 @@ def bench_models(specs: list[str], config: BenchConfig = BenchConfig(), progress
         model = load_model(spec, dtype=torch.float32, device=device)
         vocab = model.get_input_embeddings().num_embeddings
         if max(ids) >= vocab:
-            raise ValueError(f"model {spec}: the tokenizer produced id {max(ids)} but the model has only {vocab} embeddings")
+            raise ModelError(f"model {spec}: the tokenizer produced id {max(ids)} but the model has only {vocab} "
+                             f"embeddings; its tokenizer files do not belong to its weights")
         models.append(model)
 
     clock = _Clock(device)

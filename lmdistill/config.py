@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import struct
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
@@ -26,6 +27,46 @@ class ConfigError(LmdistillError):
 def _check(condition: bool, name: str, message: str) -> None:
     if not condition:
         raise ConfigError(f"config value {name}: {message}")
+
+
+# Training computes in float32: master weights, optimizer state and the loss terms stay float32
+# even under bf16/fp16 autocast (which lowers only the matmuls). A float setting that float32
+# rounds to 0 or to infinity silently switches something off or makes NaN (train.adam_eps=1e-300
+# is 0 in float32, so Adam divides 0 by 0 where a gradient is 0), and one below float32's
+# smallest normal number is a subnormal that some hardware flushes to 0. So every positive float
+# setting must lie in float32's normal range.
+FLOAT32_TINY = 2.0**-126  # smallest normal float32, about 1.18e-38
+FLOAT32_MAX = (2 - 2.0**-23) * 2.0**127  # about 3.40e38
+
+
+def _check_float32(value: float, name: str, example: str, zero: str | None = None) -> None:
+    """A positive float setting float32 keeps as it is; ``zero`` says what 0 means where 0 is allowed."""
+    if value == 0 and zero is not None:
+        return
+    if FLOAT32_TINY <= value <= FLOAT32_MAX:
+        return
+    fate = "0" if value < FLOAT32_TINY else "infinity"
+    off = f", or 0 {zero}" if zero is not None else ""
+    raise ConfigError(f"config value {name}: {value:g} becomes {fate} in float32, the dtype training computes this "
+                      f"in; use a value between 1.2e-38 and 3.4e38 such as {example}{off}")
+
+
+def _float32(value: float) -> float:
+    """``value`` rounded to float32 (for values within float32's range)."""
+    return struct.unpack("<f", struct.pack("<f", value))[0]
+
+
+# loss.temperature's bounds. The KL term is T^2 * KL(softmax(z_t/T) || softmax(z_s/T)), computed
+# in float32 (losses.py, chunked_loss.py).
+# - Lower: below 2^-63 (about 1.1e-19) T^2 falls under float32's smallest normal number and the
+#   term and its gradient round to 0 (T=1e-30 trains with a KL of exactly 0).
+# - Upper: the KL of two distributions softened by T is about Var(z_t - z_s) / (2 T^2), while the
+#   float32 rounding of each log-probability is about ln(vocabulary) * 2^-24 (~7e-7 for 50k
+#   tokens); multiplied by T^2 that error grows as T^2. Measured against float64 on a
+#   GPT-2-sized vocabulary: 0.2% at T=100, 8% at 1000, and pure noise (even negative) from 10^4
+#   (tests/test_config.py checks the two ends). Distillation uses T of 1 to 10.
+TEMPERATURE_MIN = 2.0**-63
+TEMPERATURE_MAX = 100.0
 
 
 @dataclass
@@ -109,6 +150,7 @@ class LossConfig:
         for name in self._WEIGHTS:
             value = getattr(self, name)
             _check(math.isfinite(value) and value >= 0, f"loss.{name}", f"{value} must be a finite number >= 0")
+            _check_float32(value, f"loss.{name}", "1.0", zero="to leave the term out")
         _check(sum(getattr(self, name) for name in self._WEIGHTS) > 0, "loss",
                f"at least one of {', '.join(self._WEIGHTS)} must be > 0")
         _check(self.chunk_tokens >= 0, "loss.chunk_tokens", f"{self.chunk_tokens} must be >= 0 (0: full logits)")
@@ -125,7 +167,12 @@ class LossConfig:
             _check(len(self.align_layers) > 0 and all(i >= 0 for i in self.align_layers), "loss.align_layers",
                    "must list student layer indices >= 0 (or be empty: null for the default)")
         _check(math.isfinite(self.temperature) and self.temperature > 0, "loss.temperature", f"{self.temperature} must be > 0")
-
+        _check(TEMPERATURE_MIN <= self.temperature <= TEMPERATURE_MAX, "loss.temperature",
+               f"{self.temperature:g} is outside [1.1e-19, {TEMPERATURE_MAX:g}]: the KL term (scaled by T^2) would "
+               f"{'round to 0' if self.temperature < TEMPERATURE_MIN else 'be float32 rounding noise'}; "
+               f"use a temperature such as 2 (DistilGPT2's)")
+        _check(self.kl * self.temperature**2 <= FLOAT32_MAX, "loss.kl",
+               f"loss.kl * loss.temperature^2 = {self.kl * self.temperature**2:g} overflows float32; lower loss.kl")
 
     def divergence_spec(self):
         """The logit divergence as a callable :class:`lmdistill.divergences.DivergenceSpec`."""
@@ -194,13 +241,21 @@ class TrainConfig:
         _check(self.batch_size >= 1, "train.batch_size", "must be at least 1")
         _check(self.grad_accum >= 1, "train.grad_accum", "must be at least 1")
         _check(math.isfinite(self.lr) and 0 < self.lr < 1, "train.lr", f"{self.lr} must be in (0, 1)")
+        _check_float32(self.lr, "train.lr", "2.5e-4")
         _check(math.isfinite(self.adam_eps) and self.adam_eps > 0, "train.adam_eps", f"{self.adam_eps} must be a finite number > 0")
+        _check_float32(self.adam_eps, "train.adam_eps", "1e-6")
         _check(math.isfinite(self.weight_decay) and self.weight_decay >= 0, "train.weight_decay", f"{self.weight_decay} must be a finite number >= 0")
+        _check_float32(self.weight_decay, "train.weight_decay", "0.01", zero="for no weight decay")
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), "train.betas", "must be two numbers in [0, 1)")
+        # Adam divides by 1 - beta^step; a beta that float32 rounds up to 1 makes that 0.
+        _check(all(_float32(b) < 1 for b in self.betas), "train.betas",
+               f"{self.betas} holds a value float32 rounds to 1 (Adam's bias correction 1 - beta^step would be 0); "
+               "use at most 0.99999, e.g. [0.9, 0.999]")
         _check(math.isfinite(self.warmup) and self.warmup >= 0, "train.warmup", f"{self.warmup} must be a finite number >= 0")
         _check(self.schedule in ("linear", "cosine", "constant"), "train.schedule", f"{self.schedule!r} is not one of linear, cosine, constant")
         _check(0 <= self.min_lr_ratio <= 1, "train.min_lr_ratio", "must be in [0, 1]")
         _check(self.max_grad_norm >= 0, "train.max_grad_norm", "must be >= 0 (0 disables clipping)")
+        _check_float32(self.max_grad_norm, "train.max_grad_norm", "1.0", zero="to disable clipping")
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be at least 1")
         _check(self.max_tokens is None or self.max_tokens >= 1, "train.max_tokens", "must be at least 1")
         _check(self.max_minutes is None or (math.isfinite(self.max_minutes) and self.max_minutes > 0), "train.max_minutes", "must be a finite number > 0")
@@ -274,7 +329,8 @@ def check_teacher_cache_settings(config: RunConfig) -> None:
 
 def _build(section_cls: type, values: dict[str, Any], prefix: str) -> Any:
     if not isinstance(values, dict):
-        raise ConfigError(f"config section {prefix} must be a mapping, got {values!r}")
+        raise ConfigError(f"config section {prefix} must be a mapping, got {values!r}; write it as '{prefix}:' "
+                          f"followed by indented 'field: value' lines")
     hints = get_type_hints(section_cls)
     known = {f.name for f in fields(section_cls)}
     unknown = set(values) - known
@@ -282,6 +338,9 @@ def _build(section_cls: type, values: dict[str, Any], prefix: str) -> Any:
         raise ConfigError(f"unknown config field(s) {', '.join(f'{prefix}.{u}' for u in sorted(unknown))}; valid: {', '.join(sorted(known))}")
     converted = {name: _coerce(value, hints[name], f"{prefix}.{name}") for name, value in values.items()}
     return section_cls(**converted)
+
+
+_EXAMPLES = {int: "a whole number such as 100", float: "a number such as 2.5e-4", bool: "true or false"}
 
 
 def _coerce(value: Any, hint: Any, name: str) -> Any:
@@ -320,7 +379,8 @@ def _coerce(value: Any, hint: Any, name: str) -> Any:
         if target is str:
             return str(value)
     except (TypeError, ValueError):
-        raise ConfigError(f"config value {name}: cannot read {value!r} as {getattr(target, '__name__', target)}") from None
+        raise ConfigError(f"config value {name}: cannot read {value!r} as {getattr(target, '__name__', target)}; "
+                          f"give {_EXAMPLES.get(target, 'a value of that type')}") from None
     return value
 
 
@@ -328,11 +388,7 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     """A recipe from YAML (a path, or the name of a bundled recipe) plus ``a.b=value`` overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        resolved = resolve_recipe(path)
-        try:
-            data = yaml.safe_load(resolved.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{resolved} is not valid YAML: {err}") from None
+        data = read_recipe(resolve_recipe(path))
     for override in overrides or []:
         key, sep, raw = override.partition("=")
         if not sep or "." not in key:
@@ -346,6 +402,25 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return RunConfig.from_dict(data)
 
 
+def read_recipe(path: Path) -> dict[str, Any]:
+    """The sections of a recipe file; a file that is not a YAML mapping fails naming it."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path} is not UTF-8 text (byte {err.start}); save the recipe as UTF-8") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML{where}: {problem}; fix the recipe there") from None
+    if data is None:
+        return {}  # an empty file: all defaults
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} holds a YAML {type(data).__name__}, not a mapping of sections; write the recipe "
+                          f"as sections such as 'model:', 'data:', 'loss:', 'train:' (see configs/distilgpt2.yaml)")
+    return data
+
+
 RECIPES_DIR = Path(__file__).parent / "configs"
 
 
@@ -354,6 +429,8 @@ def resolve_recipe(path: str | Path) -> Path:
     candidate = Path(path)
     if candidate.is_file():
         return candidate
+    if candidate.is_dir():
+        raise ConfigError(f"recipe {path} is a folder; pass a recipe YAML file inside it or a bundled recipe name")
     bundled = RECIPES_DIR / (candidate.stem + ".yaml")
     if bundled.is_file() and candidate.parent in (Path("."), Path("configs")):
         return bundled

@@ -27,7 +27,7 @@ from .evaluate.tasks import PerplexityTask
 from .generate import SamplingConfig, generate
 from .models import config_context_length, load_model, load_tokenizer, model_config
 from .student import resolve_strategy
-from .train import run_training
+from .train import RunDirError, check_run_dir, run_training
 
 RECIPE = "smollm2-demo"
 PROMPTS = [
@@ -52,14 +52,15 @@ def run_demo(out: Path, minutes: float = 10.0, eval_tokens: int = 32768, resume:
     protocol = PerplexityProtocol(window=EVAL_WINDOW, max_tokens=eval_tokens, batch_size=4)
     if resume:
         if not run.config.is_file():
-            raise ValueError(f"{out} holds no demo to resume; start one with lmdistill demo --out {out}")
+            raise RunDirError(f"{out} holds no demo to resume; start one with lmdistill demo --out {out}")
         config = load_config(run.config)
         summary = run_training(None, out, resume=True)
     else:
         if run.config.is_file():
-            raise ValueError(f"{out} already holds a demo run; continue it with lmdistill demo --resume --out {out} "
-                             f"or choose another --out")
+            raise RunDirError(f"{out} already holds a demo run; continue it with lmdistill demo --resume --out {out} "
+                              f"or choose another --out")
         config = load_config(RECIPE, [f"train.max_minutes={minutes}", *(overrides or [])])
+        check_run_dir(run, config, resume=False)  # before the teacher is converted or loaded
         strategy = resolve_strategy(config.model.strategy, model_config(config.model.teacher))
         print(f"[demo] teacher {config.model.teacher} -> {config.model.num_layers}-layer student ({strategy}); "
               f"{minutes:g} minutes of training on {torch.get_num_threads()} threads")

@@ -18,9 +18,14 @@ from torch import nn
 from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
+from .errors import LmdistillError
 from .models import eval_mode, model_device
 
-__all__ = ["SamplingConfig", "generate", "generate_ids", "continuation_text"]
+__all__ = ["SamplingConfig", "SamplingError", "check_prompt_fits", "generate", "generate_ids", "continuation_text"]
+
+
+class SamplingError(LmdistillError):
+    """A sampling setting or a prompt that cannot be used; the message names the setting and the fix."""
 
 
 @dataclass(frozen=True)
@@ -45,17 +50,17 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+            raise SamplingError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if not _finite_number(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
+            raise SamplingError(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 1):
-            raise ValueError(f"top_k must be None or an integer >= 1, got {self.top_k!r}")
+            raise SamplingError(f"top_k must be None or an integer >= 1, got {self.top_k!r}")
         if self.top_p is not None and (not _finite_number(self.top_p) or not 0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be None or a number in (0, 1], got {self.top_p!r}")
+            raise SamplingError(f"top_p must be None or a number in (0, 1], got {self.top_p!r}")
         if not _finite_number(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise ValueError(f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty!r}")
+            raise SamplingError(f"repetition_penalty must be a finite number > 0 (1 = off), got {self.repetition_penalty!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+            raise SamplingError(f"seed must be an integer >= 0, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
@@ -101,10 +106,16 @@ def check_length(model: nn.Module, prompt_tokens: int, new_tokens: int) -> None:
     """Fail before any work when prompt + output would run past the model's positions."""
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(limit, int) and prompt_tokens + new_tokens > limit:
-        raise ValueError(
+        raise SamplingError(
             f"a {prompt_tokens}-token prompt plus {new_tokens} new tokens exceeds the model's "
-            f"{limit} positions; shorten the prompt or ask for at most {max(limit - prompt_tokens, 0)} new tokens"
+            f"{limit} positions; shorten the prompt or ask for at most {max(limit - prompt_tokens, 0)} new tokens "
+            f"(--max-new-tokens)"
         )
+
+
+def check_prompt_fits(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int) -> None:
+    """Fail before any output when ``prompt`` plus ``max_new_tokens`` would not fit ``model``."""
+    check_length(model, len(_prompt_ids(tokenizer, prompt)), max_new_tokens)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -173,7 +184,7 @@ def _prompt_ids(tokenizer, prompt: str) -> list[int]:
     # An empty prompt: start from BOS (GPT-2's <|endoftext|>), as unconditional sampling does.
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
-        raise ValueError("the prompt is empty and the tokenizer has no BOS or EOS token to start from; pass some text")
+        raise SamplingError("the prompt is empty and the tokenizer has no BOS or EOS token to start from; pass some text")
     return [start]
 
 

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from .models import config_context_length, decoder_layers, eval_mode, model_device
+from .data.errors import DataError
+from .models import ModelError, config_context_length, decoder_layers, eval_mode, model_device
 
 
 def calibration_blocks(model: PreTrainedModel, tokens: np.ndarray, block_size: int, max_tokens: int,
@@ -26,8 +27,8 @@ def calibration_blocks(model: PreTrainedModel, tokens: np.ndarray, block_size: i
     block_size = min(block_size, context) if context else block_size
     n_blocks = min(len(tokens), max_tokens) // block_size
     if n_blocks < 1:
-        raise ValueError(f"{purpose} needs at least {block_size} calibration tokens, got {len(tokens)}; "
-                         "give more calibration text or a smaller block size")
+        raise DataError(f"{purpose} needs at least {block_size} calibration tokens, got {len(tokens)}; give a "
+                        "longer calibration text (--calibration of init-student, data.sources of distill)")
     return torch.as_tensor(np.asarray(tokens[: n_blocks * block_size], dtype=np.int64)).view(n_blocks, block_size)
 
 
@@ -73,7 +74,7 @@ def block_influence(model: PreTrainedModel, tokens: np.ndarray, block_size: int 
 def most_influential(scores: list[float], keep: int) -> list[int]:
     """The ``keep`` layers with the largest block influence, in their original order."""
     if not 1 <= keep <= len(scores):
-        raise ValueError(f"cannot keep {keep} of {len(scores)} layers; choose between 1 and {len(scores)}")
+        raise ModelError(f"cannot keep {keep} of {len(scores)} layers; choose between 1 and {len(scores)}")
     # Stable: ties keep the lower layer.
     ranked = sorted(range(len(scores)), key=lambda i: (-scores[i], i))
     return sorted(ranked[:keep])

@@ -23,7 +23,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .importance import block_influence, calibration_blocks, most_influential
-from .models import architecture_of, decoder_layers, eval_mode, model_device
+from .models import ModelError, architecture_of, decoder_layers, eval_mode, model_device
 from .student import layer_map, validate_layer_map
 
 OBJECTIVES = ("kl", "ce")
@@ -218,10 +218,10 @@ def greedy_search(model: PreTrainedModel, calibration: Calibration, keep: int, o
     it is made (for printing progress).
     """
     if objective not in OBJECTIVES:
-        raise ValueError(f"unknown search objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+        raise ModelError(f"unknown search objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     num_layers = len(decoder_layers(model))
     if not 1 <= keep <= num_layers:
-        raise ValueError(f"cannot keep {keep} of {num_layers} layers; choose between 1 and {num_layers}")
+        raise ModelError(f"cannot keep {keep} of {num_layers} layers; choose between 1 and {num_layers}")
     current = list(range(num_layers))
     start = score_cut(model, calibration, current)
     start.objective(objective)  # fails now, not after the first step, when KL targets are missing

@@ -25,6 +25,7 @@ from typing import Any
 
 from .atomic import FILE_MODE, write_text_atomic
 from .checkpoint import RunDir, read_metrics
+from .errors import LmdistillError
 
 __all__ = ["write_report", "plot_metrics", "format_eval", "format_bench", "run_status"]
 
@@ -610,6 +611,11 @@ def _join(lines: list[str]) -> str:
     return "\n".join(out) + "\n"
 
 
+class ReportError(LmdistillError, FileNotFoundError):
+    """A folder that holds no run to report on. Also a FileNotFoundError, which it was before the
+    tool had its own error classes, so callers catching that keep working."""
+
+
 def write_report(run_dir: Path, eval_results: dict | None = None, bench_results: dict | None = None) -> Path:
     """Write RUN_DIR/report.md and RUN_DIR/plots/*.png from whatever the run directory holds.
 
@@ -621,9 +627,9 @@ def write_report(run_dir: Path, eval_results: dict | None = None, bench_results:
     """
     run = RunDir(Path(run_dir))
     if not run.root.is_dir():
-        raise FileNotFoundError(f"{run.root} is not a folder; pass a run directory written by lmdistill distill")
+        raise ReportError(f"{run.root} is not a folder; pass a run directory written by lmdistill distill")
     if not run.config.is_file() and not run.metrics.is_file():
-        raise FileNotFoundError(f"{run.root} holds no config.yaml or metrics.jsonl; pass a run directory "
+        raise ReportError(f"{run.root} holds no config.yaml or metrics.jsonl; pass a run directory "
                                 f"written by lmdistill distill")
     config_text = run.config.read_text() if run.config.is_file() else None
     config = _read_yaml(run.config) if config_text else {}

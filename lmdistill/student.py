@@ -39,9 +39,9 @@ def layer_map(num_teacher_layers: int, num_student_layers: int, strategy: str = 
     - ``first``: the bottom N layers.
     """
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown layer strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        raise ModelError(f"unknown layer strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if not 1 <= num_student_layers <= num_teacher_layers:
-        raise ValueError(
+        raise ModelError(
             f"a student of {num_student_layers} layers cannot be cut from a teacher of {num_teacher_layers}; "
             f"choose between 1 and {num_teacher_layers}"
         )
@@ -101,7 +101,7 @@ def check_layer_request(num_teacher_layers: int, layers: list[int] | None, num_l
                         strategy: str) -> None:
     """Range checks of a layer request for any strategy, from the teacher's depth alone."""
     if strategy not in ALL_STRATEGIES:
-        raise ValueError(f"unknown layer strategy {strategy!r}; choose one of {', '.join(ALL_STRATEGIES)}")
+        raise ModelError(f"unknown layer strategy {strategy!r}; choose one of {', '.join(ALL_STRATEGIES)}")
     static = "first" if strategy in DATA_STRATEGIES else strategy
     resolve_layer_map(num_teacher_layers, layers, num_layers, static)
 
@@ -109,17 +109,17 @@ def check_layer_request(num_teacher_layers: int, layers: list[int] | None, num_l
 def validate_layer_map(layers: list[int], num_teacher_layers: int) -> list[int]:
     """Check an explicit layer map against the teacher; errors name the valid range."""
     if not layers:
-        raise ValueError("the layer map is empty; pass at least one teacher layer, e.g. --layers 0,2,4")
+        raise ModelError("the layer map is empty; pass at least one teacher layer, e.g. --layers 0,2,4")
     bad = [i for i in layers if not 0 <= i < num_teacher_layers]
     if bad:
-        raise ValueError(
+        raise ModelError(
             f"layer index {bad[0]} is out of range: the teacher has {num_teacher_layers} layers "
             f"(valid indices 0..{num_teacher_layers - 1})"
         )
     if len(set(layers)) != len(layers):
-        raise ValueError(f"the layer map {layers} repeats a layer; list each teacher layer once")
+        raise ModelError(f"the layer map {layers} repeats a layer; list each teacher layer once")
     if list(layers) != sorted(layers):
-        raise ValueError(f"the layer map {layers} is not in increasing order; keep the teacher's order")
+        raise ModelError(f"the layer map {layers} is not in increasing order; keep the teacher's order")
     return list(layers)
 
 

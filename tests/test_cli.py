@@ -122,10 +122,8 @@ def test_init_student_too_many_layers(capsys, ws, tmp_path):
 
 
 def test_init_student_bad_layers_syntax(capsys, ws, tmp_path):
-    with pytest.raises(SystemExit) as info:
-        main(["init-student", "--teacher", str(ws["teacher"]), "--layers", "0,x", "--out", str(tmp_path / "s")])
-    assert info.value.code == 2
-    assert "comma-separated" in capsys.readouterr().err
+    rc, out, err = run_cli(capsys, "init-student", "--teacher", ws["teacher"], "--layers", "0,x", "--out", tmp_path / "s")
+    assert_clean_error(rc, err, "init-student", "argument --layers", "comma-separated", "'0,x'")
 
 
 def test_init_student_writes_hf_folder(capsys, ws, tmp_path):
@@ -370,7 +368,9 @@ def test_module_help_subprocess():
     for command in ("prepare", "init-student", "distill", "eval", "generate", "demo"):
         assert command in result.stdout
     result = subprocess.run([sys.executable, "-m", "lmdistill"], capture_output=True, text=True, cwd=REPO, timeout=60)
-    assert result.returncode == 2 and "usage" in result.stderr.lower()
+    assert result.returncode == 2
+    assert result.stderr.strip() == ("lmdistill: error: the following arguments are required: COMMAND; "
+                                     "see lmdistill --help")
 
 
 def test_report_command(capsys, finished_run, tmp_path):
@@ -444,3 +444,64 @@ def test_init_student_search_strategy_prints_and_saves_every_step(capsys, ws, tm
     for step in expected.steps:  # every step printed with its score
         assert f"removed layer {step.removed:>3}: {len(step.score.layers)} left" in stdout
     assert "| every-other |" in stdout and "| uniform |" in stdout and "| search |" in stdout
+
+
+# ---------------------------------------------------------------------------------------
+# Argument parsing and the error policy of main
+
+
+def test_overrides_anywhere_on_the_command_line(ws, tmp_path):
+    from lmdistill.cli import build_parser, parse_arguments
+
+    recipe = write_recipe(ws, tmp_path / "recipe.yaml")
+    argv = ["distill", "train.max_steps=3", "--config", str(recipe), "loss.kl=1.5", "--out", str(tmp_path / "run"),
+            "train.max_steps=4", "data.block_size=16"]
+    args = parse_arguments(build_parser(), argv)
+    assert args.config == str(recipe) and args.out == str(tmp_path / "run")
+    assert args.overrides == ["train.max_steps=3", "loss.kl=1.5", "train.max_steps=4", "data.block_size=16"]
+    config = load_config(args.config, args.overrides)
+    assert (config.train.max_steps, config.loss.kl, config.data.block_size) == (4, 1.5, 16)  # the last one wins
+
+
+def test_subcommand_help_returns_zero(capsys):
+    rc = main(["distill", "--help"])
+    out = capsys.readouterr().out
+    assert rc == 0 and out.startswith("usage: lmdistill distill") and "section.field=value" in out
+
+
+def test_debug_shows_the_traceback(monkeypatch, tmp_path):
+    from lmdistill.config import ConfigError
+
+    monkeypatch.setenv("LMDISTILL_DEBUG", "1")
+    with pytest.raises(ConfigError, match="train.lr"):
+        main(["distill", "--config", "distilgpt2", "--out", str(tmp_path / "run"), "train.lr=abc"])
+
+
+@pytest.mark.parametrize("bug", [RuntimeError("a bug"), ValueError("a bug"), OSError("no path named")])
+def test_unexpected_errors_keep_their_traceback(monkeypatch, tmp_path, bug):
+    import lmdistill.cli as cli
+
+    def broken(args):
+        raise bug
+
+    monkeypatch.setattr(cli, "cmd_report", broken)
+    with pytest.raises(type(bug), match="a bug|no path named"):
+        main(["report", str(tmp_path)])
+
+
+def test_os_error_on_a_path_is_one_line(capsys, monkeypatch, tmp_path):
+    import lmdistill.cli as cli
+
+    def denied(args):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "locked.json"))
+
+    monkeypatch.setattr(cli, "cmd_report", denied)
+    rc, out, err = run_cli(capsys, "report", tmp_path)
+    assert_clean_error(rc, err, "report", f"{tmp_path / 'locked.json'}: Permission denied")
+
+
+def test_json_results_land_in_a_new_folder(capsys, ws, tmp_path):
+    report = tmp_path / "new" / "deeper" / "eval.json"
+    rc, out, err = run_cli(capsys, "eval", ws["student"], "--task", "lastword:max_docs=2", "--json", report)
+    assert rc == 0, err
+    assert json.loads(report.read_text())["models"][0]["model"] == str(ws["student"])

@@ -8,6 +8,8 @@ import pytest
 import yaml
 
 from lmdistill.config import (
+    TEMPERATURE_MAX,
+    TEMPERATURE_MIN,
     ConfigError,
     DataConfig,
     LossConfig,
@@ -227,10 +229,82 @@ def test_override_type_errors_name_the_field(override, field):
     ("train.max_minutes=inf", "train.max_minutes"),
     ("train.adam_eps=inf", "train.adam_eps"),
     ("train.weight_decay=inf", "train.weight_decay"),
+    # 0 or infinite once cast to float32, the dtype of the weights, optimizer state and losses
+    ("train.adam_eps=1e-300", "train.adam_eps"),
+    ("train.adam_eps=1e-40", "train.adam_eps"),  # a float32 subnormal: flushed to 0 on some hardware
+    ("train.lr=1e-50", "train.lr"),
+    ("train.weight_decay=1e-300", "train.weight_decay"),
+    ("train.max_grad_norm=1e-300", "train.max_grad_norm"),
+    ("train.max_grad_norm=inf", "train.max_grad_norm"),
+    ("train.betas=[0.9, 0.999999999]", "train.betas"),  # 1.0 in float32
+    ("loss.kl=1e39", "loss.kl"),
+    ("loss.ce=1e-60", "loss.ce"),
+    ("loss.align_mse=1e-45", "loss.align_mse"),
+    ("loss.temperature=1e-30", "loss.temperature"),
+    ("loss.temperature=1e3", "loss.temperature"),
 ])
 def test_out_of_range_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         load_config(None, BUDGET + [override])
+
+
+@pytest.mark.parametrize("override, field, value", [
+    ("train.adam_eps=1.2e-38", "adam_eps", 1.2e-38),
+    ("train.lr=1.2e-38", "lr", 1.2e-38),
+    ("train.weight_decay=0", "weight_decay", 0.0),
+    ("train.max_grad_norm=0", "max_grad_norm", 0.0),
+    ("train.betas=[0.9, 0.99999]", "betas", [0.9, 0.99999]),
+    ("loss.kl=3e38", "kl", 3e38),
+    ("loss.temperature=100", "temperature", 100.0),
+    ("loss.temperature=1.1e-19", "temperature", 1.1e-19),
+])
+def test_values_float32_keeps_are_accepted(override, field, value):
+    config = load_config(None, BUDGET + ["loss.temperature=1", override])
+    section = config.train if override.startswith("train.") else config.loss
+    assert getattr(section, field) == value
+
+
+def test_kl_weight_times_temperature_squared_must_fit_float32():
+    with pytest.raises(ConfigError, match=r"loss\.kl \* loss\.temperature\^2"):
+        LossConfig(kl=1e36, temperature=100.0)
+
+
+def test_temperature_bounds_match_float32_kl():
+    """The bounds of loss.temperature, measured: inside them the float32 KL term (times T^2) agrees
+    with float64; beyond them it is exactly 0 (T^2 underflows) or rounding noise."""
+    import torch
+
+    from lmdistill.losses import kl_divergence
+
+    gen = torch.Generator().manual_seed(0)
+    student = torch.randn(2, 4, 50257, generator=gen, dtype=torch.float64) * 3  # GPT-2-sized vocabulary
+    teacher = student + torch.randn(2, 4, 50257, generator=gen, dtype=torch.float64)
+
+    def rel_error(t: float) -> float:
+        exact = kl_divergence(student, teacher, None, t).item()
+        return abs(kl_divergence(student.float(), teacher.float(), None, t).item() - exact) / exact
+
+    # Measured 2e-3 at T=100 and ~1e-7 at 2^-63 (any x86 CPU rounds alike within a few times that).
+    assert rel_error(TEMPERATURE_MAX) < 1e-2
+    assert rel_error(TEMPERATURE_MIN) < 1e-3
+    assert rel_error(100 * TEMPERATURE_MAX) > 1  # measured ~8: the float32 term is noise
+    assert kl_divergence(student.float(), teacher.float(), None, TEMPERATURE_MIN / 1e4).item() == 0.0
+
+
+def test_recipe_files_that_are_not_mappings(tmp_path):
+    with pytest.raises(ConfigError, match=r"list\.yaml holds a YAML list, not a mapping"):
+        load_config(write(tmp_path, "- train: {max_steps: 1}\n", "list.yaml"))
+    with pytest.raises(ConfigError, match=r"not UTF-8"):
+        path = tmp_path / "latin1.yaml"
+        path.write_bytes(b"model: {teacher: caf\xe9}\n")
+        load_config(path)
+    with pytest.raises(ConfigError, match="is a folder"):
+        load_config(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, "train:\n  max_steps: 1\n  lr: [1\n", "broken.yaml"))
+    message = str(info.value)
+    assert "broken.yaml is not valid YAML at line" in message and "\n" not in message
+    assert load_config(write(tmp_path, "", "empty.yaml"), BUDGET).train.max_steps == 10  # empty: all defaults
 
 
 def test_all_loss_weights_zero():

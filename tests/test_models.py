@@ -151,6 +151,39 @@ def test_model_config_folder_without_config(tmp_path):
         model_config(tmp_path / "empty")
 
 
+def test_broken_model_folders_name_the_file(tmp_path, gpt2_tokenizer):
+    import shutil
+
+    good = save_with_tokenizer(tiny_gpt2(n_layer=1), gpt2_tokenizer, tmp_path / "good")
+
+    def broken(name: str):
+        return shutil.copytree(good, tmp_path / name)  # returns the new folder
+
+    no_weights = broken("no_weights")
+    (no_weights / "model.safetensors").unlink()
+    with pytest.raises(ModelError, match=f"{no_weights} holds no weights"):
+        load_model(no_weights)
+    assert model_config(no_weights).n_layer == 1  # the config alone still loads
+
+    cut = broken("cut")
+    data = (cut / "model.safetensors").read_bytes()
+    (cut / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelError, match=f"{cut / 'model.safetensors'} is truncated or corrupt"):
+        load_model(cut)
+
+    bad_config = broken("bad_config")
+    (bad_config / "config.json").write_text('{"model_type": "gpt2",')
+    for load in (load_model, model_config, load_tokenizer):  # not "no tokenizer files"
+        with pytest.raises(ModelError, match=f"{bad_config / 'config.json'} is not valid JSON"):
+            load(bad_config)
+
+    fake = tmp_path / "fake.gguf"
+    fake.write_text("not a gguf file")
+    with pytest.raises(ModelError, match="fake.gguf is not a GGUF file"):
+        load_model(fake)
+    assert models.weight_files(good) == [good / "model.safetensors"]
+
+
 def test_model_config_unknown_name():
     with pytest.raises(ModelError, match="cannot resolve"):
         model_config("no-such-model-lmdistill-test")

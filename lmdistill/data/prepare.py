@@ -213,6 +213,8 @@ def prepare(
         raise DataError("no splits requested; pass some of " + ", ".join(SPLITS))
     for split in splits:
         check_split(split)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir} is a file, not a folder for token shards; choose another output folder (--out)")
     # Cheap checks first: specs (paths exist), tokenizer, then whether out_dir is reusable.
     parsed = [parse_source(spec) for spec in sources]
     eos = _eos_id(tokenizer)

@@ -276,6 +276,9 @@ class LocalSource(Source):
             return (text for path in files for text in read_documents(path))
         index = SPLITS.index(split)
         assignment = self._assign()
+        if not assignment:
+            raise DataError(f"{self.root} holds no text (every document is empty or whitespace); add text or pass "
+                            "another source")
         if index not in assignment:
             raise DataError(
                 f"{self.root}: only {len(assignment)} document(s), too few for a non-empty {split} "

@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..data.errors import DataError
 from .loglik import (
     _resolve_max_length,
     loglikelihood,
@@ -86,7 +87,7 @@ def score(
     ``ctx``, else it is rebuilt from ``ctx_a``/``ctx_b``).
     """
     if not docs:
-        raise ValueError("no HellaSwag items to score")
+        raise DataError("no HellaSwag items to score; pass a file with at least one item")
 
     # 1. harness multiple choice: one request per (item, choice), all batched together.
     hdocs = [harness_doc(doc) for doc in docs]

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..data.errors import DataError
 from .loglik import loglikelihood
 
 __all__ = ["score", "split_lambada"]
@@ -44,7 +45,7 @@ def score(
 ) -> dict[str, Any]:
     """``{"acc", "perplexity", "documents"}`` of ``model`` on LAMBADA passages ``docs[i]["text"]``."""
     if not docs:
-        raise ValueError("no LAMBADA passages to score")
+        raise DataError("no LAMBADA passages to score; pass a file with at least one passage")
     requests = [split_lambada(doc["text"]) for doc in docs]
     results = loglikelihood(model, tokenizer, requests, batch_size=batch_size, progress=progress)
     mean_ll = sum(ll for ll, _ in results) / len(results)

@@ -47,7 +47,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..models import eval_mode, model_device
+from ..data.errors import DataError
+from ..models import ModelError, eval_mode, model_device
 
 __all__ = [
     "DEFAULT_MAX_LENGTH",
@@ -95,7 +96,7 @@ def prefix_token_id(tokenizer) -> int:
     if tokenizer.bos_token_id is not None:
         return int(tokenizer.bos_token_id)
     if tokenizer.eos_token_id is None:
-        raise ValueError(
+        raise ModelError(
             "the tokenizer has neither a BOS nor an EOS token; the harness protocol needs one "
             "to condition the first token (set tokenizer.eos_token)"
         )
@@ -136,15 +137,16 @@ def _request_tokens(tokenizer, context: str, continuation: str) -> TokenRequest:
     if context == "":
         cont = tok_encode(tokenizer, continuation, add_special_tokens=False)
         if not cont:
-            raise ValueError("continuation encodes to no tokens; nothing to score")
+            raise DataError(f"continuation {continuation!r} encodes to no tokens; nothing to score (fix that item "
+                            "of the task's data)")
         prefix = prefix_token_id(tokenizer)
         ctx, cont = ([prefix], cont) if prefix != cont[0] else (cont[:1], cont[1:])
     else:
         ctx, cont = encode_pair(tokenizer, context, continuation)
     if not cont:
-        raise ValueError(
+        raise DataError(
             f"continuation {continuation!r} after context {context[-40:]!r} encodes to no tokens; "
-            "nothing to score"
+            "nothing to score (fix that item of the task's data)"
         )
     return ctx, cont
 
@@ -217,7 +219,7 @@ def score_token_requests(
         if not ctx or not cont:
             raise ValueError("every request needs a non-empty context and continuation")
         if len(cont) > max_len:
-            raise ValueError(
+            raise DataError(
                 f"a continuation of {len(cont)} tokens exceeds max_length={max_len}; "
                 "the harness cannot score it in one window"
             )

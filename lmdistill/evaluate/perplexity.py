@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from ..models import eval_mode, model_device
+from ..data.errors import DataError
+from ..models import ModelError, eval_mode, model_device
 
 __all__ = ["PerplexityProtocol", "PerplexityResult", "perplexity"]
 
@@ -271,7 +272,8 @@ def _check_stream(tokens: np.ndarray | Tensor) -> np.ndarray | Tensor:
             "join documents with EOS and flatten first"
         )
     if len(stream) < 2:
-        raise ValueError(f"tokens must hold at least 2 ids to score one, got {len(stream)}")
+        raise DataError(f"the text tokenises to {len(stream)} token(s); scoring needs at least 2 (one token "
+                        "predicts the next); pass a longer text")
     return stream
 
 
@@ -279,7 +281,7 @@ def _check_against_model(model: torch.nn.Module, stream: np.ndarray | Tensor, wi
     config = getattr(model, "config", None)
     context = getattr(config, "max_position_embeddings", None)
     if isinstance(context, int) and window > context:
-        raise ValueError(
+        raise ModelError(
             f"window={window} exceeds the model's context of {context} tokens; "
             f"use window <= {context}"
         )
@@ -292,7 +294,7 @@ def _check_against_model(model: torch.nn.Module, stream: np.ndarray | Tensor, wi
     if lo < 0:
         raise ValueError(f"token ids must be >= 0, got a minimum of {lo}")
     if vocab is not None and hi >= vocab:
-        raise ValueError(
+        raise ModelError(
             f"token id {hi} is outside the model's vocabulary of {vocab}; "
             "was the stream tokenised with another tokenizer?"
         )

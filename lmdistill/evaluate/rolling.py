@@ -26,6 +26,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..data.errors import DataError
 from .loglik import _resolve_max_length, rolling_requests, score_token_requests
 
 __all__ = ["RollingResult", "count_words", "score_documents"]
@@ -73,10 +74,10 @@ def score_documents(
     ``max_length`` overrides the model's context length (the rolling window size).
     """
     if not documents:
-        raise ValueError("no documents to score")
+        raise DataError("no documents to score; pass a text with at least one document")
     total_bytes = sum(len(doc.encode("utf-8")) for doc in documents)
     if total_bytes == 0:
-        raise ValueError("all documents are empty; bytes per document would divide by zero")
+        raise DataError("all documents are empty, so bits per byte would divide by zero; pass a text with content")
     max_len = _resolve_max_length(model, tokenizer, max_length)
     start = time.perf_counter()
     texts = [detokenize(doc) if detokenize is not None else doc for doc in documents]

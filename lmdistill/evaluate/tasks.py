@@ -63,13 +63,16 @@ class Task:
             raise TaskError(f"task {self.name} has no option(s) {', '.join(sorted(unknown))}; options: {', '.join(self.allowed) or 'none'}")
         self.label = self.label or self.name
 
-    def opt(self, key: str, default: Any = None, kind: type = str) -> Any:
+    def opt(self, key: str, default: Any = None, kind: type = str, minimum: int | None = None) -> Any:
         if key not in self.options:
             return default
         try:
-            return kind(self.options[key])
+            value = kind(self.options[key])
         except ValueError:
             raise TaskError(f"task {self.name}: option {key}={self.options[key]!r} is not a valid {kind.__name__}") from None
+        if minimum is not None and value < minimum:
+            raise TaskError(f"task {self.name}: option {key}={value} must be at least {minimum}")
+        return value
 
     def path(self) -> Path:
         if "path" not in self.options:
@@ -103,8 +106,14 @@ class PerplexityTask(Task):
         self._streams: dict[str, Any] = {}
 
     def load(self) -> None:
-        self.protocol_ = PerplexityProtocol(window=self.opt("window", 512, int), stride=self.opt("stride", None, int),
-                                            max_tokens=self.opt("max_tokens", None, int))
+        try:
+            self.protocol_ = PerplexityProtocol(window=self.opt("window", 512, int), stride=self.opt("stride", None, int),
+                                                max_tokens=self.opt("max_tokens", None, int))
+        except TaskError:
+            raise
+        except ValueError as err:  # the protocol's own range checks, in its field names
+            raise TaskError(f"task {self.label}: {err}; fix its window=, stride= or max_tokens= option (--window, "
+                            f"--stride, --max-tokens)") from None
         self.texts = list(parse_source(self.source).documents(self.split))
 
     def protocol(self) -> str:
@@ -132,7 +141,7 @@ class RollingTask(Task):
         return None
 
     def load(self) -> None:
-        self.docs = self.documents()[: self.opt("max_docs", None, int)]
+        self.docs = self.documents()[: self.opt("max_docs", None, int, minimum=1)]
         if not self.docs:
             raise TaskError(f"task {self.name}: no documents found in {self.options.get('path')}")
 
@@ -221,7 +230,7 @@ class ByteTask(RollingTask):
     def documents(self):
         from .datasets import byte_corpus
 
-        raw = byte_corpus(self.path(), self.opt("split", "test"), name=self.name)[: self.opt("max_bytes", None, int)]
+        raw = byte_corpus(self.path(), self.opt("split", "test"), name=self.name)[: self.opt("max_bytes", None, int, minimum=1)]
         self.raw_bytes = len(raw)
         # Scored as one document. A split may cut a multi-byte character (or hold invalid
         # UTF-8): those bytes are replaced for tokenising, and the denominator stays the raw
@@ -246,7 +255,7 @@ class LambadaTask(Task):
     def load(self) -> None:
         from .datasets import read_lambada
 
-        self.docs = read_lambada(self.path())[: self.opt("max_docs", None, int)]
+        self.docs = read_lambada(self.path())[: self.opt("max_docs", None, int, minimum=1)]
 
     def protocol(self) -> str:
         return (f"lm-evaluation-harness lambada_openai ({len(self.docs)} passages): context = text up to the last "
@@ -265,7 +274,7 @@ class LastWordTask(LambadaTask):
     def load(self) -> None:
         from .lastword import load_lastword
 
-        self.docs = load_lastword()[: self.opt("max_docs", None, int)]
+        self.docs = load_lastword()[: self.opt("max_docs", None, int, minimum=1)]
 
     def protocol(self) -> str:
         return (f"last-word set built from the bundled test split ({len(self.docs)} passages; construction in "
@@ -281,7 +290,7 @@ class HellaSwagTask(Task):
     def load(self) -> None:
         from .datasets import read_hellaswag
 
-        self.docs = read_hellaswag(self.path())[: self.opt("max_docs", None, int)]
+        self.docs = read_hellaswag(self.path())[: self.opt("max_docs", None, int, minimum=1)]
 
     def protocol(self) -> str:
         return (f"{len(self.docs)} items; acc / acc_norm as lm-evaluation-harness hellaswag (its preprocessing; "
