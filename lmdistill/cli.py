@@ -193,7 +193,7 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     from .data.prepare import load_prepared, prepare
     from .data.sources import parse_source
     from .models import config_context_length, load_model, load_tokenizer, model_config, resolve_device, tokenizer_fingerprint
-    from .teacher_cache import MAX_TAIL_SAMPLES, TeacherCache, build_teacher_cache
+    from .teacher_cache import MAX_TAIL_SAMPLES, TeacherCache, build_teacher_cache, part_name
     from .train import default_prepared_dir
 
     # Cheap checks first: arguments, the teacher's config and tokenizer, the data.
@@ -233,10 +233,13 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
         rank=args.rank, world_size=args.world_size, tail_samples=tail_samples)
     resumed = f" (continued from block {result.resumed_from:,})" if 0 < result.resumed_from < result.blocks_total else ""
     print(f"wrote {result.path}: {result.blocks_total:,} blocks{resumed}")
-    try:
+    waiting = [r for r in range(args.world_size)
+               if not (Path(args.out) / part_name(args.split, r, args.world_size)).is_file()]
+    if waiting:  # other processes still to finish their parts
+        print(f"part {args.rank} of {args.world_size} done; the cache is usable once every part is (still missing: "
+              f"{', '.join(map(str, waiting))})")
+    else:  # every part present: open (and so verify) the whole cache; damage is an error
         print(f"complete: {TeacherCache(args.out, split=args.split).describe()}")
-    except ValueError as err:  # other parts still to come
-        print(f"part {args.rank} of {args.world_size} done; the cache is usable once every part is ({err})")
     return 0
 
 

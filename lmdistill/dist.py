@@ -30,6 +30,7 @@ import torch.distributed as torch_dist
 from torch import nn
 
 from .config import DISTRIBUTED as STRATEGIES, TEACHER_SHARDING  # noqa: F401 (re-exported)
+from .errors import DistributedError
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -63,7 +64,7 @@ def from_environment() -> DistInfo:
     """Rank, world size and local rank as ``torchrun`` sets them (1 process when unset)."""
     if not launched_by_torchrun():
         if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
-            raise ValueError("WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT/RANK are not set; launch with torchrun "
+            raise DistributedError("WORLD_SIZE > 1 but MASTER_ADDR/MASTER_PORT/RANK are not set; launch with torchrun "
                              "(torchrun --nproc-per-node N -m lmdistill distill ...)")
         return SINGLE
     try:
@@ -71,9 +72,9 @@ def from_environment() -> DistInfo:
         rank = int(os.environ["RANK"])
         local = int(os.environ.get("LOCAL_RANK", str(rank)))
     except ValueError as err:
-        raise ValueError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers ({err}); launch with torchrun") from None
+        raise DistributedError(f"RANK/WORLD_SIZE/LOCAL_RANK must be integers ({err}); launch with torchrun") from None
     if world < 1 or not 0 <= rank < world:
-        raise ValueError(f"RANK={rank} and WORLD_SIZE={world} are inconsistent; launch with torchrun")
+        raise DistributedError(f"RANK={rank} and WORLD_SIZE={world} are inconsistent; launch with torchrun")
     return DistInfo(rank, world, local, enabled=True)
 
 
@@ -97,7 +98,7 @@ def init(device: str = "auto") -> tuple[DistInfo, bool]:
     if cuda:
         count = torch.cuda.device_count()
         if info.local_rank >= count:
-            raise ValueError(f"local rank {info.local_rank} has no GPU: this node has {count}; "
+            raise DistributedError(f"local rank {info.local_rank} has no GPU: this node has {count}; "
                              f"launch at most {count} processes per node (torchrun --nproc-per-node {count})")
         torch.cuda.set_device(info.local_rank)
     torch_dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(minutes=30))
@@ -151,7 +152,7 @@ def main_first(info: DistInfo, fn: Callable[[], T]) -> T:
     failed = [(rank, status) for rank, status in enumerate(statuses) if status]
     if failed:
         rank, status = failed[0]
-        raise ValueError(f"rank {rank} failed first ({status}); this rank stops too")
+        raise DistributedError(f"rank {rank} failed first ({status}); this rank stops too")
     return fn() if not first else result  # type: ignore[return-value]
 
 
@@ -163,7 +164,7 @@ def check_same(info: DistInfo, value: Any, what: str) -> None:
     torch_dist.all_gather_object(values, value)
     differ = [rank for rank, v in enumerate(values) if v != values[0]]
     if differ:
-        raise ValueError(f"{what} differs between rank 0 and rank {differ[0]} ({values[0]!r} vs {values[differ[0]]!r})")
+        raise DistributedError(f"{what} differs between rank 0 and rank {differ[0]} ({values[0]!r} vs {values[differ[0]]!r})")
 
 
 def barrier(info: DistInfo) -> None:
@@ -217,7 +218,7 @@ def _fully_shard():
     try:
         from torch.distributed.fsdp import fully_shard
     except ImportError:
-        raise ValueError(f"FSDP2 (train.distributed=fsdp, train.teacher_sharding=fsdp) needs torch >= 2.6, this is "
+        raise DistributedError(f"FSDP2 (train.distributed=fsdp, train.teacher_sharding=fsdp) needs torch >= 2.6, this is "
                          f"{torch.__version__}; upgrade torch or use train.distributed=ddp and "
                          f"train.teacher_sharding=replicate") from None
     return fully_shard
@@ -243,7 +244,7 @@ def wrap_student(objective: nn.Module, info: DistInfo, strategy: str, device: to
     this call.
     """
     if strategy not in STRATEGIES:
-        raise ValueError(f"unknown distributed strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+        raise DistributedError(f"unknown distributed strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
     if not info.enabled:
         return objective.to(device)
     if strategy == "ddp":

@@ -13,3 +13,12 @@ class LmdistillError(ValueError):
     """Input the tool cannot use; the message names the file or field and the fix.
 
     A ``ValueError`` so that callers of the library that catch ``ValueError`` keep working."""
+
+
+class NonFiniteError(LmdistillError):
+    """A NaN or an infinity where a number must be finite (a training step, a teacher's
+    logits); nothing non-finite was written. The message names the likely cause and the fix."""
+
+
+class DistributedError(LmdistillError):
+    """A torchrun launch that cannot work as asked (environment, devices, ranks that disagree)."""

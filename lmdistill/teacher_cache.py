@@ -99,6 +99,7 @@ from transformers import PreTrainedModel
 
 from .atomic import write_text_atomic
 from .data.errors import DataError
+from .errors import NonFiniteError
 from .data.prepare import PreparedData
 from .data.shards import read_header_bytes, shard_digest
 from .models import config_context_length, config_fingerprint, model_device, model_fingerprint
@@ -663,7 +664,8 @@ def teacher_records(teacher: PreTrainedModel, input_ids: torch.Tensor, k: int, t
     ``input_ids`` is block ``first_block + r`` (it seeds that block's tail samples)."""
     logits = teacher(input_ids=input_ids.to(model_device(teacher))).logits.float()
     if not torch.isfinite(logits).any(dim=-1).all() or torch.isnan(logits).any():
-        raise FloatingPointError("the teacher produced NaN logits (or no finite logit at a position); check its weights")
+        raise NonFiniteError("the teacher produced NaN logits (or no finite logit at a position); check its weights "
+                             "(load it with lmdistill eval to see its perplexity)")
     top, idx = logits.topk(k, dim=-1)  # sorted, largest first
     peak = top[..., :1]
     shifted = logits - peak

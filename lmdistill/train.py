@@ -52,7 +52,7 @@ from .checkpoint import (
 )
 from . import dist
 from .atomic import write_text_atomic
-from .errors import LmdistillError
+from .errors import NonFiniteError
 from .config import ConfigError, RunConfig, check_teacher_cache_settings, load_config
 from .data.prepare import PreparedData, prepare
 from .data.sampler import BlockSampler
@@ -89,11 +89,6 @@ from .student import (
     student_depth,
     student_layer_map,
 )
-
-
-class NonFiniteError(LmdistillError):
-    """Training produced a NaN or infinity; nothing non-finite was checkpointed. The message
-    names the likely cause (the config field) and how to continue."""
 
 
 # ---------------------------------------------------------------------------------------

@@ -385,7 +385,7 @@ def test_distill_cli_reports_a_cache_mismatch_in_one_line(ws, tmp_path, capsys):
     assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert err.startswith("lmdistill distill: error: teacher cache ") and "set data.block_size=32" in err
     rc = main(["distill", "--resume", str(tmp_path / "run"), "--teacher-cache", str(ws["cache"])])
-    assert rc == 2 and "drop --config, --teacher-cache and overrides" in capsys.readouterr().err
+    assert rc == 2 and "saved config.yaml; drop --teacher-cache" in capsys.readouterr().err
 
 
 def _overrides(config) -> list[str]:
