@@ -7,7 +7,6 @@ line as ``section.field=value`` (``train.max_steps=200``). Every value is checke
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import struct
@@ -436,8 +435,3 @@ def resolve_recipe(path: str | Path) -> Path:
         return bundled
     names = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
     raise ConfigError(f"recipe {path} not found; pass a YAML file or a bundled recipe ({names})")
-
-
-def replace(config: RunConfig, **sections: Any) -> RunConfig:
-    """A copy with whole sections replaced (checks run again)."""
-    return dataclasses.replace(config, **sections)

@@ -591,12 +591,6 @@ def step_loss(setup: Setup, input_ids: torch.Tensor, labels: torch.Tensor,
     return LossOutput(total=total, terms=terms)
 
 
-def cached_step_loss(setup: Setup, input_ids: torch.Tensor, labels: torch.Tensor, cached: TeacherTargets) -> LossOutput:
-    """The weighted loss of one micro-batch against stored teacher targets: the sparse KL
-    (logged as ``kl``) plus the terms that need no teacher (CE)."""
-    return step_loss(setup, input_ids, labels, cached)
-
-
 def next_micro_batch(setup: Setup, sampler: BlockSampler, tokens: np.ndarray) -> tuple:
     """``(input_ids, labels)``, plus the blocks' stored teacher targets when the run has a cache."""
     if setup.teacher_cache is None:
