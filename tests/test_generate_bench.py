@@ -210,7 +210,7 @@ def test_generation_speed_exact_tokens_and_repeats(prompt_ids):
     assert speed.repeats == 4 and speed.new_tokens == 12 and speed.prompt_tokens == prompt_ids.shape[1]
     assert math.isfinite(speed.tokens_per_second) and speed.tokens_per_second > 0
     assert math.isfinite(speed.seconds_per_token) and speed.seconds_per_token > 0
-    assert speed.tokens_per_second * speed.seconds_per_token == pytest.approx(1.0, rel=1e-12)
+    assert speed.tokens_per_second * speed.seconds_per_token == pytest.approx(1.0, rel=1e-12)  # float64 reciprocals
     assert math.isfinite(speed.spread) and speed.spread >= 0
     assert speed.threads == torch.get_num_threads() and speed.device == "cpu"
     d = speed.to_dict()

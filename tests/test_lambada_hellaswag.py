@@ -77,8 +77,13 @@ def test_lambada_score(gpt2, gpt2_64, gpt2_tokenizer):
     assert [g for _, g in refs] == [True, False, False]
     out = lambada.score(gpt2, tok, docs, batch_size=2)
     assert out["documents"] == 3
+    # Greedy flags are argmaxes: the float32 model agrees with the float64 one because the top
+    # two logits of the greedy passage are >= 0.02 apart and float32 logits are within ~1e-6.
     assert out["acc"] == pytest.approx(1 / 3)
+    # float32 log-likelihoods of <= 5 target tokens: ~1e-5 absolute, so ~1e-5 relative on
+    # exp(mean) (measured: <= 10% of 1e-4); one wrong token or context is off by > 1%.
     assert out["perplexity"] == pytest.approx(math.exp(-np.mean([ll for ll, _ in refs])), rel=1e-4)
+    # Batch 1 vs 2: other matmul shapes, at most float32 rounding apart.
     assert lambada.score(gpt2, tok, docs, batch_size=1) == pytest.approx(out, rel=1e-5)
 
 
@@ -163,6 +168,9 @@ def test_hellaswag_score(gpt2, gpt2_64, gpt2_tokenizer):
     expect["acc_norm"] += norm == comp
     expect["completion_acc"] += 1
     out = hellaswag.score(gpt2, tok, docs, batch_size=3)
+    # The float32 choices equal the float64 ones: in the picked items the best two choices are
+    # >= 0.009 nats (per token or per character) apart under every protocol, float32
+    # log-likelihoods ~1e-5 from float64. The accuracies are fractions: approx's default 1e-6.
     n = len(docs)
     assert out["documents"] == n
     assert out["acc"] == pytest.approx(expect["acc"] / n)
