@@ -12,6 +12,11 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 
 from lmdistill.data.corpora import corpus_documents
 
+LOGGED_REL = 2e-6
+"""Relative tolerance between losses and gradient norms read back from two runs' metrics.jsonl,
+which keeps 7 significant digits: values that agree to ~1e-7 can be written one unit apart in
+the 7th digit, at most 1e-6 relative."""
+
 
 def tiny_gpt2(n_layer: int = 4, dropout: float = 0.0, seed: int = 0, vocab_size: int = 50257) -> GPT2LMHeadModel:
     torch.manual_seed(seed)

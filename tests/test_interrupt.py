@@ -77,8 +77,9 @@ def test_kill_then_resume_matches_uninterrupted_run(recipe, tmp_path):
     assert "resuming" in out
     expected, got = losses(reference), losses(run)
     assert sorted(got) == list(range(1, 25))
-    for step, value in expected.items():
-        assert abs(got[step] - value) < 1e-6, (step, value, got[step])
+    # Bit for bit: the same code on the same machine with one thread (train.threads), so every
+    # op rounds alike; the checkpoint restores weights, Adam's state and the RNG exactly.
+    assert got == expected
 
 
 def test_ctrl_c_checkpoints_at_a_step_boundary(recipe, tmp_path):

@@ -14,7 +14,7 @@ from lmdistill.checkpoint import RunDir, read_metrics
 from lmdistill.config import ConfigError, LossConfig, load_config
 from lmdistill.train import RunDirError, run_training
 
-from .helpers import save_with_tokenizer, small_text_file, tiny_gpt2
+from .helpers import LOGGED_REL, save_with_tokenizer, small_text_file, tiny_gpt2
 
 
 @pytest.fixture(scope="module")
@@ -57,9 +57,6 @@ def grad_norms_by_step(run_dir: Path) -> dict[int, float]:
 # ~1e-16, amplified to < 1e-12), where any real difference (a dropped position or term, a wrong
 # normalisation) still moves parameters by ~lr (1e-4..1e-3) and losses by far more than 1e-6.
 PARAM_ATOL_F64 = 1e-10
-# metrics.jsonl keeps 7 significant digits: equal losses can be written one unit apart in the
-# 7th digit, at most 1e-6 relative.
-LOGGED_REL = 2e-6
 
 
 @pytest.fixture
