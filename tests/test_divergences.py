@@ -241,7 +241,7 @@ def test_all_masked_is_zero_with_working_backward(gen, case, reduction):
     s, t = _logits(gen, dtype=torch.float32), _logits(gen, dtype=torch.float32)
     for mask in (torch.zeros(B, S, dtype=torch.bool), torch.zeros(B, S, dtype=torch.long)):
         out, grad = value_and_grad(lambda x: divergence(name, x, t, mask, 2.0, reduction, **params), s)
-        assert out.item() == 0.0
+        assert out.item() == 0.0  # nothing counted: exactly 0 on any CPU
         assert torch.isfinite(grad).all() and (grad == 0).all()
 
 

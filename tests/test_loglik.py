@@ -236,7 +236,7 @@ def test_rolling_several_windows(gpt2, gpt2_64, gpt2_tokenizer):
     assert len(tokens) > 2 * 16 and len(tokens) % 16 != 0  # 3+ windows, a short last one
     got = loglik.loglikelihood_rolling(gpt2, gpt2_tokenizer, [TEXT, "short", ""], batch_size=3, max_length=16)
     assert got[0] == pytest.approx(ref_rolling(gpt2_64, tokens, 16), abs=1e-3)
-    assert got[2] == 0.0
+    assert got[2] == 0.0  # no tokens: an empty sum, exactly 0
     # Text shorter than the window = the loglikelihood of the whole text after an empty context.
     (short, _), = loglik.loglikelihood(gpt2, gpt2_tokenizer, [("", "short")])
     assert got[1] == pytest.approx(short, abs=1e-6)  # the same request either way (measured: equal)
