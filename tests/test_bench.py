@@ -172,7 +172,9 @@ def test_peak_memory_sees_a_transient_allocation():
         del x
 
     assert memory.measure(run) >= 0.9 * size
-    assert memory.measure(lambda: None) < size / 4  # the peak was reset, not carried over
+    # The peak was reset, not carried over (which would read >= size every time). The reading is
+    # process-wide, so another thread allocating meanwhile can inflate one attempt: take the least.
+    assert min(memory.measure(lambda: None) for _ in range(3)) < size / 4
 
 
 def test_psutil_sampler_sees_a_held_allocation():
