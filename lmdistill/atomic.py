@@ -86,6 +86,14 @@ def build_dir_atomic(out_dir: Path, build: Callable[[Path], None]) -> Path:
     return out_dir
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` itself if it exists, else its closest existing ancestor (where creating it starts)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
 def remove_leftovers(folder: Path) -> list[str]:
     """Delete what writers killed mid-write left in ``folder``; returns the names removed.
 

@@ -82,9 +82,9 @@ def _parse_layers(text: str) -> list[int]:
 
 def _check_writable(target: Path, flag: str) -> None:
     """``target`` can be created: its nearest existing ancestor is a folder we may write in."""
-    parent = target.parent
-    while not parent.exists():
-        parent = parent.parent
+    from .atomic import nearest_existing
+
+    parent = nearest_existing(target.parent)
     if not parent.is_dir():
         raise UsageError(f"{flag} {target}: {parent} is a file, not a folder; choose another path")
     if not os.access(parent, os.W_OK | os.X_OK):

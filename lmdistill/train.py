@@ -51,7 +51,7 @@ from .checkpoint import (
     writing,
 )
 from . import dist
-from .atomic import write_text_atomic
+from .atomic import nearest_existing, write_text_atomic
 from .errors import NonFiniteError
 from .config import ConfigError, RunConfig, check_teacher_cache_settings, load_config
 from .data.prepare import PreparedData, prepare
@@ -816,9 +816,7 @@ def check_run_dir(run: RunDir, config: RunConfig | None, resume: bool) -> None:
         )
     if run.root.exists() and any(p != run.lock_file for p in run.root.iterdir()):
         raise RunDirError(f"{run.root} exists and is not empty; choose another --out")
-    parent = run.root.parent if not run.root.exists() else run.root
-    while not parent.exists():
-        parent = parent.parent
+    parent = nearest_existing(run.root)
     if not os.access(parent, os.W_OK):
         raise RunDirError(f"cannot write under {parent}; choose an --out you can write to")
 
@@ -887,13 +885,10 @@ def remove_failed_start(run: RunDir, made: Path | None) -> None:
 
 def make_folder(path: Path) -> Path | None:
     """Create ``path`` and its missing parents; return the topmost folder created (None if none)."""
-    top = None
-    for folder in [path, *path.parents]:
-        if folder.exists():
-            break
-        top = folder
+    existing = nearest_existing(path)
+    top = None if existing == path else path.relative_to(existing).parts[0]
     path.mkdir(parents=True, exist_ok=True)
-    return top
+    return None if top is None else existing / top
 
 
 def _resume_or_train(run: RunDir, config: RunConfig | None, resume: bool, stop_at_step: int | None, progress: bool,
