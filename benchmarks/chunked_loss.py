@@ -12,7 +12,7 @@ transformer bodies are identical in both paths and left out. Inputs, created bef
 measuring: last hidden states of student and teacher (random ``batch x seq x hidden``; the
 student's requires grad), lm_head weights (random ``vocab x hidden``; the student's requires
 grad), labels (random ids). Losses use the DistilGPT2 recipe's weights (KL 5, CE 2, T = 2),
-``reduction="sum"`` and ``(total / tokens).backward()``, as ``lmdistill.train.train_step``.
+``reduction="sum"`` and ``(total / tokens).backward()``, as ``lmdistill.train.step.train_step``.
 
 - ``unchunked``: ``F.linear`` gives the full student logits (with grad) and, under
   ``no_grad``, the full teacher logits; ``lmdistill.losses.kl_divergence`` and

@@ -87,7 +87,7 @@ def train(work: Path, name: str, extra: list[str]) -> None:
     import torch
 
     from lmdistill.config import load_config
-    from lmdistill.train import run_training
+    from lmdistill.train.run import run_training
 
     config = load_config("distilgpt2", overrides(work) + extra)
     started = time.perf_counter()
@@ -125,7 +125,7 @@ def report(work: Path, out: Path) -> int:
     import torch
     from transformers import AutoConfig
 
-    from lmdistill.checkpoint import read_metrics
+    from lmdistill.train.rundir import read_metrics
     from lmdistill.flops import step_flops
 
     name = "cpu (dry run)" if DRY else torch.cuda.get_device_name()

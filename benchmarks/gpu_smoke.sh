@@ -34,7 +34,7 @@ step() {  # name, command...: run with a time limit, note a failure and go on
 if compgen -G "device_assets/wheels/*.whl" >/dev/null; then
     $PY -m pip install --no-index --no-deps -q device_assets/wheels/*.whl || status=1
 fi
-$PY -c "import lmdistill.train" || { echo "[smoke] FAIL: lmdistill does not import (missing packages?)"; exit 1; }
+$PY -c "import lmdistill.train.run" || { echo "[smoke] FAIL: lmdistill does not import (missing packages?)"; exit 1; }
 
 step prepare $PY benchmarks/gpu_smoke.py prepare "$WORK" || true
 mapfile -t RECIPE < <($PY benchmarks/gpu_smoke.py overrides "$WORK")

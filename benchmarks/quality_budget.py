@@ -37,14 +37,14 @@ from pathlib import Path
 from typing import Any
 
 from lmdistill.atomic import write_text_atomic
-from lmdistill.checkpoint import RunDir, read_metrics
+from lmdistill.train.rundir import RunDir, read_metrics
 from lmdistill.config import load_config
 from lmdistill.data.corpora import CORPORA
 from lmdistill.evaluate.runner import evaluate_loaded
 from lmdistill.evaluate.tasks import PerplexityTask
 from lmdistill.models import load_model, load_tokenizer
 from lmdistill.schedule import Budget
-from lmdistill.train import run_training
+from lmdistill.train.run import run_training
 
 RECIPE = "smollm2-demo"
 WINDOW = 512

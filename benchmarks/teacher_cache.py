@@ -47,7 +47,7 @@ import time
 from pathlib import Path
 
 from lmdistill.atomic import write_text_atomic
-from lmdistill.checkpoint import read_metrics
+from lmdistill.train.rundir import read_metrics
 from lmdistill.data.corpora import CORPORA, corpus_documents
 
 RECIPE = "smollm2-demo"

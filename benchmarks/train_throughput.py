@@ -15,7 +15,7 @@ Recipes (``--recipe``, several allowed):
   depend on the weights, and no download is needed;
 - any other bundled recipe name or YAML file, used as written (its teacher must load).
 
-Each (recipe, seq) builds its set-up with ``lmdistill.train.build_setup`` from the recipe
+Each (recipe, seq) builds its set-up with ``lmdistill.train.setup.build_setup`` from the recipe
 plus overrides (``data.block_size=SEQ``, ``train.batch_size=B``, ``train.grad_accum=1``, a
 small data source so preparation is quick, ``train.device``; ``--set`` adds more), runs one
 warm-up ``train_step`` (timed apart: first-call allocation and kernel selection), then times
@@ -54,7 +54,8 @@ from lmdistill.config import load_config
 from lmdistill.data.sampler import BlockSampler
 from lmdistill.flops import matmul_params, step_flops
 from lmdistill.models import config_num_layers, load_tokenizer, resolve_device
-from lmdistill.train import build_setup, make_optimizer, train_step
+from lmdistill.train.setup import build_setup, make_optimizer
+from lmdistill.train.step import train_step
 
 RANDOM_GPT2 = "gpt2-124m-random"
 DEFAULT_RECIPES = ["smollm2-demo", RANDOM_GPT2]

@@ -194,7 +194,7 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     from .data.sources import parse_source
     from .models import config_context_length, load_model, load_tokenizer, model_config, resolve_device, tokenizer_fingerprint
     from .teacher_cache import MAX_TAIL_SAMPLES, TeacherCache, build_teacher_cache, part_name
-    from .train import default_prepared_dir
+    from .train.plan import default_prepared_dir
 
     # Cheap checks first: arguments, the teacher's config and tokenizer, the data.
     if not args.rank < args.world_size:
@@ -245,7 +245,7 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
 
 def cmd_distill(args: argparse.Namespace) -> int:
     from .config import load_config
-    from .train import run_training
+    from .train.run import run_training
 
     if args.resume:
         if args.config or args.overrides or args.teacher_cache or args.out:

@@ -18,7 +18,7 @@ import torch
 from .bench import generation_speeds, parameter_counts
 from .atomic import write_text_atomic
 from .report import write_report
-from .checkpoint import RunDir
+from .train.rundir import RunDir
 from .config import load_config
 from .data.corpora import CORPORA
 from .evaluate.perplexity import PerplexityProtocol
@@ -27,7 +27,8 @@ from .evaluate.tasks import PerplexityTask
 from .generate import SamplingConfig, generate
 from .models import config_context_length, load_model, load_tokenizer, model_config
 from .student import resolve_strategy
-from .train import RunDirError, check_run_dir, run_training
+from .train.rundir import RunDirError, check_run_dir
+from .train.run import run_training
 
 RECIPE = "smollm2-demo"
 PROMPTS = [

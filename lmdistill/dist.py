@@ -2,7 +2,7 @@
 
 Runs launched by ``torchrun`` (which sets ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
 ``MASTER_ADDR`` and ``MASTER_PORT``) train with PyTorch's own engine: the student, together
-with its loss (:class:`lmdistill.train.StudentObjective`), wrapped in
+with its loss (:class:`lmdistill.loss.objective.StudentObjective`), wrapped in
 ``DistributedDataParallel`` (default) or sharded with FSDP2's ``fully_shard``; the teacher
 runs inference only, replicated on every rank's device or with its decoder layers sharded.
 A torchrun launch with one process also joins a (one-process) group, so the same code path

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import FILE_MODE, write_text_atomic
-from .checkpoint import RunDir, read_metrics
+from .train.rundir import RunDir, read_metrics
 from .errors import LmdistillError
 
 __all__ = ["write_report", "plot_metrics", "format_eval", "format_bench", "run_status"]

@@ -8,7 +8,7 @@ is stored with the commit it came from; ``tests/test_golden.py`` reruns the same
 compares (see its docstring for when and how to re-record).
 
 Runs go through the public entry points only: :func:`lmdistill.config.load_config` (the recipe
-plus ``section.field=value`` overrides), :func:`lmdistill.train.run_training`, and the
+plus ``section.field=value`` overrides), :func:`lmdistill.train.run.run_training`, and the
 ``lmdistill cache-teacher`` command. Everything is written under a temporary folder (the
 ``$LMDISTILL_CACHE`` too) that is removed afterwards.
 
@@ -205,7 +205,7 @@ def run(ws: Workspace, teacher: str, template: Sequence[str], threads: int = THR
         extra: Sequence[str] = ()) -> dict[str, Any]:
     """Train the recipe with ``template`` (+ ``extra``) overrides on ``teacher``; :func:`read_run`'s record."""
     from lmdistill.config import load_config
-    from lmdistill.train import run_training
+    from lmdistill.train.run import run_training
 
     if any("{cache}" in item for item in template):
         build_cache(ws, teacher)

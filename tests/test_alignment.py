@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmdistill.checkpoint import read_metrics
+from lmdistill.train.rundir import read_metrics
 from lmdistill.config import ConfigError
 from lmdistill.losses import LossWeights, distillation_loss, layer_alignment_loss
 from lmdistill.student import build_student
-from lmdistill.train import aligned_layers, run_training
+from lmdistill.train.plan import aligned_layers
+from lmdistill.train.run import run_training
 
 from .helpers import tiny_llama
 from .test_train import make_config, workspace  # noqa: F401  (module fixture)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lmdistill.checkpoint import read_metrics
+from lmdistill.train.rundir import read_metrics
 from lmdistill.cli import main
 from lmdistill.config import load_config
 from lmdistill.models import count_parameters

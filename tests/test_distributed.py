@@ -23,11 +23,14 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from lmdistill.checkpoint import RunDir, read_metrics
+from lmdistill.train.rundir import RunDir, read_metrics
 from lmdistill.config import ConfigError, load_config
 from lmdistill.data.errors import DataError
 from lmdistill.data.sampler import BlockSampler
-from lmdistill.train import RunDirError, build_setup, make_optimizer, resolve_precision, run_training, train_step
+from lmdistill.train.rundir import RunDirError
+from lmdistill.train.run import run_training
+from lmdistill.train.setup import build_setup, make_optimizer, resolve_precision
+from lmdistill.train.step import train_step
 
 from .helpers import LOGGED_REL, save_with_tokenizer, small_text_file, tiny_gpt2
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lmdistill.checkpoint import RunDir, read_metrics
+from lmdistill.train.rundir import RunDir, read_metrics
 from lmdistill.config import load_config
-from lmdistill.train import run_training
+from lmdistill.train.run import run_training
 
 from .helpers import save_with_tokenizer, small_text_file, tiny_gpt2
 

@@ -14,7 +14,7 @@ import pytest
 
 from lmdistill.config import load_config
 from lmdistill.report import DPI, FIGSIZE, format_bench, format_eval, plot_metrics, write_report
-from lmdistill.train import run_training
+from lmdistill.train.run import run_training
 
 from .helpers import save_with_tokenizer, small_text_file, tiny_gpt2
 

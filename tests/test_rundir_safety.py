@@ -18,10 +18,13 @@ import torch
 from safetensors.torch import load_file
 
 from lmdistill.atomic import build_dir_atomic, remove_leftovers
-from lmdistill.checkpoint import RunDir, read_metrics
+from lmdistill.train.rundir import RunDir, read_metrics
 from lmdistill.cli import main
 from lmdistill.config import load_config
-from lmdistill.train import NonFiniteError, RunDirError, ValidationWatch, run_training
+from lmdistill.errors import NonFiniteError
+from lmdistill.train.health import ValidationWatch
+from lmdistill.train.rundir import RunDirError
+from lmdistill.train.run import run_training
 
 from .helpers import save_with_tokenizer, small_text_file, tiny_gpt2
 
@@ -144,7 +147,7 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
 # renamed into place.
 KILL_IN_SECOND_CHECKPOINT = textwrap.dedent("""
     import os, signal
-    import lmdistill.checkpoint as checkpoint
+    import lmdistill.train.rundir as checkpoint
     _write_manifest, _calls = checkpoint.write_manifest, []
     def write_manifest(folder):
         _calls.append(folder)
@@ -274,7 +277,7 @@ def test_non_finite_loss_names_the_term(recipe, tmp_path):
 
 
 def test_disk_full_while_checkpointing_is_one_line_and_resumable(recipe, reference, tmp_path, monkeypatch, capfd):
-    import lmdistill.checkpoint as checkpoint
+    import lmdistill.train.rundir as checkpoint
 
     run = tmp_path / "run"
     original, calls = checkpoint.torch.save, []
@@ -298,7 +301,7 @@ def test_disk_full_while_checkpointing_is_one_line_and_resumable(recipe, referen
 
 
 def test_start_that_fails_before_its_first_step_leaves_nothing(recipe, tmp_path, monkeypatch):
-    import lmdistill.train as train
+    import lmdistill.train.loop as train
 
     def broken(*args, **kwargs):
         raise RuntimeError("fault in validation")

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmdistill.checkpoint import read_metrics
+from lmdistill.train.rundir import read_metrics
 from lmdistill.cli import main
 from lmdistill.config import ConfigError, load_config
 from lmdistill.data.corpora import corpus_documents
@@ -29,7 +29,7 @@ from lmdistill.teacher_cache import (
     data_fingerprint,
     part_name,
 )
-from lmdistill.train import run_training
+from lmdistill.train.run import run_training
 
 from .helpers import save_with_tokenizer, small_text_file, softmax64, tiny_gpt2
 
@@ -456,7 +456,7 @@ def test_distill_from_a_small_k_cache_trains_and_resumes(ws, tmp_path, monkeypat
     short = distill_config(ws, text_root / "cache", **common, max_steps=4)
     run_training(short, tmp_path / "full", progress=False)
     run_training(short, tmp_path / "part", stop_at_step=2, progress=False)
-    import lmdistill.train as train_module
+    import lmdistill.train.setup as train_module
 
     loaded = []
     real_load = train_module.load_model

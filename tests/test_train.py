@@ -10,9 +10,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from lmdistill.checkpoint import RunDir, read_metrics
+from lmdistill.train.rundir import RunDir, read_metrics
 from lmdistill.config import ConfigError, LossConfig, load_config
-from lmdistill.train import RunDirError, run_training
+from lmdistill.train.rundir import RunDirError
+from lmdistill.train.run import run_training
 
 from .helpers import LOGGED_REL, save_with_tokenizer, small_text_file, tiny_gpt2
 
@@ -64,7 +65,7 @@ PARAM_ATOL_F64 = 1e-10
 @pytest.fixture
 def float64_training(monkeypatch):
     """run_training loads the teacher (and so cuts the student) in float64, and trains in it."""
-    import lmdistill.train as train_module
+    import lmdistill.train.setup as train_module
 
     real_load = train_module.load_model
     monkeypatch.setattr(train_module, "load_model",
@@ -208,7 +209,7 @@ def test_configured_divergence_is_the_logged_logit_term(workspace, tmp_path, nam
 
 @pytest.mark.parametrize("loss", [{}, {"cos": 0.0, "align_cos": 1.0, "mse": 0.5}, {"kl": 0.0, "cos": 0.0}])
 def test_fused_chunked_logits_train_like_full_logits(workspace, tmp_path, loss, float64_training, monkeypatch):
-    import lmdistill.train as train_module
+    import lmdistill.loss.objective as train_module
 
     fused_calls = []  # (chunk_tokens, dtype of the student's hidden states) of each fused loss
     real_fused = train_module.chunked_logit_losses

@@ -38,9 +38,11 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .atomic import build_dir_atomic, remove_leftovers, write_text_atomic
-from .errors import LmdistillError
-from .student import save_model
+from .. import dist
+from ..atomic import build_dir_atomic, nearest_existing, remove_leftovers, write_text_atomic
+from ..config import RunConfig
+from ..errors import LmdistillError
+from ..student import save_model
 
 try:  # POSIX; elsewhere runs are not locked
     import fcntl
@@ -282,3 +284,52 @@ def remove_run_leftovers(run: RunDir) -> list[str]:
     """Temporary files and folders of writes killed midway (run root and checkpoints); call
     only under the run's lock."""
     return remove_leftovers(run.root) + remove_leftovers(run.checkpoints)
+
+
+SHARED_RUN_DIR = ("under torchrun every process reads RUN_DIR (only rank 0 writes it): on several nodes, put it on a "
+                  "file system that all of them mount")
+
+
+def check_run_dir(run: RunDir, config: RunConfig | None, resume: bool) -> None:
+    """Refuse to mix two runs in one directory (checked before any model loads)."""
+    if run.root.exists() and not run.root.is_dir():
+        raise RunDirError(f"{run.root} is a file, not a run directory; choose another --out")
+    if resume:
+        if not run.config.is_file():
+            hint = f" ({SHARED_RUN_DIR})" if dist.launched_by_torchrun() else ""
+            raise RunDirError(f"{run.root} holds no run to resume (no config.yaml); start one with --out {run.root}{hint}")
+        return
+    assert config is not None
+    if run.config.is_file():
+        same = run.config.read_text() == config.to_yaml()
+        what = "this run already" if same else "a different run"
+        raise RunDirError(
+            f"{run.root} holds {what}; continue it with `lmdistill distill --resume {run.root}` "
+            f"or choose another --out"
+        )
+    if run.root.exists() and any(p != run.lock_file for p in run.root.iterdir()):
+        raise RunDirError(f"{run.root} exists and is not empty; choose another --out")
+    parent = nearest_existing(run.root)
+    if not os.access(parent, os.W_OK):
+        raise RunDirError(f"cannot write under {parent}; choose an --out you can write to")
+
+
+def remove_failed_start(run: RunDir, made: Path | None) -> None:
+    """Undo a new run that failed before its first step: the folders it created, or what it
+    wrote into the (then empty) folder it was given."""
+    if made is not None:
+        shutil.rmtree(made, ignore_errors=True)
+        return
+    for entry in run.root.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def make_folder(path: Path) -> Path | None:
+    """Create ``path`` and its missing parents; return the topmost folder created (None if none)."""
+    existing = nearest_existing(path)
+    top = None if existing == path else path.relative_to(existing).parts[0]
+    path.mkdir(parents=True, exist_ok=True)
+    return None if top is None else existing / top
