@@ -248,33 +248,50 @@ class ByteTask(RollingTask):
         return result
 
 
-class LambadaTask(Task):
+class ItemTask(Task):
+    """Scored item by item (passages, multiple-choice questions): items read by ``items``,
+    cut to ``max_docs=``, scored by the module ``scorer`` returns."""
+
+    def items(self) -> list[dict]:
+        raise NotImplementedError
+
+    def scorer(self):
+        raise NotImplementedError
+
+    def load(self) -> None:
+        self.docs = self.items()[: self.opt("max_docs", None, int, minimum=1)]
+
+    def score(self, model, tokenizer, batch_size):
+        return self.scorer().score(model, tokenizer, self.docs, batch_size=batch_size, progress=True)
+
+
+class LambadaTask(ItemTask):
     allowed = ("path", "max_docs")
     metrics = ("acc", "perplexity")
 
-    def load(self) -> None:
+    def items(self) -> list[dict]:
         from .datasets import read_lambada
 
-        self.docs = read_lambada(self.path())[: self.opt("max_docs", None, int, minimum=1)]
+        return read_lambada(self.path())
+
+    def scorer(self):
+        from . import lambada
+
+        return lambada
 
     def protocol(self) -> str:
         return (f"lm-evaluation-harness lambada_openai ({len(self.docs)} passages): context = text up to the last "
                 f"space, target = ' ' + last word; acc = every target token is the greedy choice; "
                 f"perplexity = exp(-mean target log-likelihood)")
 
-    def score(self, model, tokenizer, batch_size):
-        from . import lambada
-
-        return lambada.score(model, tokenizer, self.docs, batch_size=batch_size, progress=True)
-
 
 class LastWordTask(LambadaTask):
     allowed = ("max_docs",)
 
-    def load(self) -> None:
+    def items(self) -> list[dict]:
         from .lastword import load_lastword
 
-        self.docs = load_lastword()[: self.opt("max_docs", None, int, minimum=1)]
+        return load_lastword()
 
     def protocol(self) -> str:
         return (f"last-word set built from the bundled test split ({len(self.docs)} passages; construction in "
@@ -283,24 +300,24 @@ class LastWordTask(LambadaTask):
                 f"greedy choice; perplexity = exp(-mean target log-likelihood)")
 
 
-class HellaSwagTask(Task):
+class HellaSwagTask(ItemTask):
     allowed = ("path", "max_docs")
     metrics = ("acc", "acc_norm", "completion_acc")
 
-    def load(self) -> None:
+    def items(self) -> list[dict]:
         from .datasets import read_hellaswag
 
-        self.docs = read_hellaswag(self.path())[: self.opt("max_docs", None, int, minimum=1)]
+        return read_hellaswag(self.path())
+
+    def scorer(self):
+        from . import hellaswag
+
+        return hellaswag
 
     def protocol(self) -> str:
         return (f"{len(self.docs)} items; acc / acc_norm as lm-evaluation-harness hellaswag (its preprocessing; "
                 f"acc_norm divides each ending's log-likelihood by its length in characters); completion_acc as "
                 f"nanoGPT/llm.c (context `ctx`, lowest mean token loss over ' ' + ending)")
-
-    def score(self, model, tokenizer, batch_size):
-        from . import hellaswag
-
-        return hellaswag.score(model, tokenizer, self.docs, batch_size=batch_size, progress=True)
 
 
 TASKS: dict[str, type[Task]] = {
