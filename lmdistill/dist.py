@@ -172,15 +172,6 @@ def barrier(info: DistInfo) -> None:
         torch_dist.barrier()
 
 
-def broadcast(value: T, info: DistInfo) -> T:
-    """Rank 0's ``value`` (any picklable object) on every rank."""
-    if not info.enabled:
-        return value
-    box = [value]
-    torch_dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def gather(value: Any, info: DistInfo) -> list[Any] | None:
     """Every rank's ``value`` (picklable), as a list on rank 0; None on the others."""
     if not info.enabled:
