@@ -35,7 +35,7 @@ from lmdistill.train.rundir import read_metrics
 from lmdistill.config import load_config
 from lmdistill.evaluate.runner import evaluate_models
 from lmdistill.evaluate.tasks import parse_tasks
-from lmdistill.models import load_tokenizer
+from lmdistill.models.load import load_tokenizer
 from lmdistill.train.run import run_training
 
 FIXTURES = Path(__file__).resolve().parent.parent / "tests" / "lm_eval_tasks" / "fixtures"

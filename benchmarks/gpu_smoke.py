@@ -53,7 +53,7 @@ def prepare(work: Path) -> None:
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from lmdistill.data.prepare import prepare as prepare_data
-    from lmdistill.models import load_tokenizer
+    from lmdistill.models.load import load_tokenizer
 
     print(f"[smoke] torch {torch.__version__}, transformers {transformers.__version__}, python {sys.version.split()[0]}")
     if DRY:

@@ -42,7 +42,7 @@ from lmdistill.config import load_config
 from lmdistill.data.corpora import CORPORA
 from lmdistill.evaluate.runner import evaluate_loaded
 from lmdistill.evaluate.tasks import PerplexityTask
-from lmdistill.models import load_model, load_tokenizer
+from lmdistill.models.load import load_model, load_tokenizer
 from lmdistill.schedule import Budget
 from lmdistill.train.run import run_training
 

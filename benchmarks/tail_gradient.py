@@ -31,7 +31,8 @@ import torch
 
 from lmdistill.data.corpora import CORPORA, corpus_documents
 from lmdistill.importance import block_influence, most_influential
-from lmdistill.models import decoder_layers, load_model, load_tokenizer
+from lmdistill.models.arch import decoder_layers
+from lmdistill.models.load import load_model, load_tokenizer
 from lmdistill.student import build_student
 from lmdistill.teacher_cache import sample_tail
 

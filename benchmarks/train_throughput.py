@@ -53,7 +53,9 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from lmdistill.config import load_config
 from lmdistill.data.sampler import BlockSampler
 from lmdistill.flops import matmul_params, step_flops
-from lmdistill.models import config_num_layers, load_tokenizer, resolve_device
+from lmdistill.models.arch import config_num_layers
+from lmdistill.models.device import resolve_device
+from lmdistill.models.load import load_tokenizer
 from lmdistill.train.setup import build_setup, make_optimizer
 from lmdistill.train.step import train_step
 

@@ -31,20 +31,11 @@ from transformers import GenerationConfig
 
 from lmdistill.errors import LmdistillError
 from lmdistill.generate import check_length, model_eos_token_id
-from lmdistill.models import (
-    ModelError,
-    classify_model_spec,
-    config_context_length,
-    count_parameters,
-    eval_mode,
-    load_model,
-    load_tokenizer,
-    model_config,
-    model_device,
-    resolve_device,
-    tokenizer_fingerprint,
-    weight_files,
-)
+from lmdistill.models.arch import config_context_length, count_parameters
+from lmdistill.models.device import eval_mode, model_device, resolve_device
+from lmdistill.models.errors import ModelError
+from lmdistill.models.fingerprint import tokenizer_fingerprint
+from lmdistill.models.load import classify_model_spec, load_model, load_tokenizer, model_config, weight_files
 
 __all__ = [
     "BenchConfig",

@@ -116,7 +116,7 @@ def _write_json(target: Path | None, results: dict) -> None:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .data.prepare import prepare
     from .data.sources import parse_source
-    from .models import load_tokenizer
+    from .models.load import load_tokenizer
 
     for spec in args.source:
         parse_source(spec)  # fail on a bad source before loading the tokenizer
@@ -129,9 +129,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 
 def cmd_init_student(args: argparse.Namespace) -> int:
-    from .models import config_num_layers, count_parameters, decoder_layers, load_model, load_tokenizer, model_config
-    from .student import (DATA_STRATEGIES, build_student, check_layer_request, resolve_layer_map, resolve_strategy,
-                          save_model)
+    from .models.arch import config_num_layers, count_parameters, decoder_layers
+    from .models.load import load_model, load_tokenizer, model_config
+    from .models.save import save_model
+    from .student import DATA_STRATEGIES, build_student, check_layer_request, resolve_layer_map, resolve_strategy
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -168,7 +169,7 @@ def cmd_init_student(args: argparse.Namespace) -> int:
 def _choose_layers(teacher, tokenizer, args: argparse.Namespace):
     from .data.prepare import calibration_tokens
     from .layer_search import choose_layers
-    from .models import decoder_layers
+    from .models.arch import decoder_layers
     from .student import student_depth
 
     tokens = calibration_tokens(tokenizer, args.calibration, args.calibration_tokens)
@@ -192,7 +193,10 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     from .data.errors import DataError
     from .data.prepare import load_prepared, prepare
     from .data.sources import parse_source
-    from .models import config_context_length, load_model, load_tokenizer, model_config, resolve_device, tokenizer_fingerprint
+    from .models.arch import config_context_length
+    from .models.device import resolve_device
+    from .models.fingerprint import tokenizer_fingerprint
+    from .models.load import load_model, load_tokenizer, model_config
     from .teacher_cache import MAX_TAIL_SAMPLES, TeacherCache, build_teacher_cache, part_name
     from .train.plan import default_prepared_dir
 
@@ -297,7 +301,9 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     from .generate import SamplingConfig, check_prompt_fits, generate_timed
-    from .models import load_model, load_tokenizer, resolve_device, tokenizer_fingerprint
+    from .models.device import resolve_device
+    from .models.fingerprint import tokenizer_fingerprint
+    from .models.load import load_model, load_tokenizer
 
     sampling = SamplingConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                               top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed)

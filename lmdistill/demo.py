@@ -25,7 +25,8 @@ from .evaluate.perplexity import PerplexityProtocol
 from .evaluate.runner import evaluate_loaded
 from .evaluate.tasks import PerplexityTask
 from .generate import SamplingConfig, generate
-from .models import config_context_length, load_model, load_tokenizer, model_config
+from .models.arch import config_context_length
+from .models.load import load_model, load_tokenizer, model_config
 from .student import resolve_strategy
 from .train.rundir import RunDirError, check_run_dir
 from .train.run import run_training

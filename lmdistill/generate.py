@@ -19,7 +19,7 @@ from transformers import GenerationConfig
 from transformers.generation.streamers import BaseStreamer
 
 from .errors import LmdistillError
-from .models import eval_mode, model_device
+from .models.device import eval_mode, model_device
 
 __all__ = ["SamplingConfig", "SamplingError", "check_prompt_fits", "generate", "generate_ids", "continuation_text"]
 

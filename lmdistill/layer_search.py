@@ -23,7 +23,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .importance import block_influence, calibration_blocks, most_influential
-from .models import ModelError, architecture_of, decoder_layers, eval_mode, model_device
+from .models.arch import architecture_of, decoder_layers
+from .models.device import eval_mode, model_device
+from .models.errors import ModelError
 from .student import layer_map, validate_layer_map
 
 OBJECTIVES = ("kl", "ce")

@@ -10,14 +10,13 @@ teacher ties) and decoder layer ``i`` of the student is a copy of teacher layer
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from .atomic import build_dir_atomic
 from .importance import most_influential
-from .models import ARCHITECTURES, ModelError, architecture_of, decoder_layers
+from .models.arch import ARCHITECTURES, architecture_of, decoder_layers
+from .models.errors import ModelError
 
 STRATEGIES = ("every-other", "uniform", "first")
 # Strategies that need the teacher and calibration data, not just layer counts
@@ -197,17 +196,3 @@ def check_shared_vocabulary(teacher: PreTrainedModel, student: PreTrainedModel,
                 "teacher and student tokenizers map tokens to different ids: logit distillation needs "
                 "the same tokenizer. Pick a student that was trained with the teacher's tokenizer."
             )
-
-
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, out_dir: Path,
-               state_dict: dict | None = None) -> Path:
-    """Write a normal Hugging Face folder (config.json, model.safetensors, tokenizer files) atomically.
-
-    ``state_dict`` replaces the model's own weights (the full weights of a sharded model)."""
-
-    def build(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-
-    return build_dir_atomic(Path(out_dir), build)

@@ -102,7 +102,9 @@ from .data.errors import DataError
 from .errors import NonFiniteError
 from .data.prepare import PreparedData
 from .data.shards import read_header_bytes, shard_digest
-from .models import config_context_length, config_fingerprint, model_device, model_fingerprint
+from .models.arch import config_context_length
+from .models.device import model_device
+from .models.fingerprint import config_fingerprint, model_fingerprint
 from .sparse_kl import SparseTargets
 
 __all__ = [

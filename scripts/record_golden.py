@@ -113,7 +113,7 @@ def tiny_teachers(folder: Path, setup: Setup) -> dict[str, Path]:
     The Llama one gets the GPT-2 vocabulary (50,257) so that the real tokenizer fits it; the
     GPT-2 one has dropout 0, so that every run is deterministic.
     """
-    from lmdistill.models import load_tokenizer
+    from lmdistill.models.load import load_tokenizer
     from tests.helpers import save_with_tokenizer, tiny_gpt2, tiny_llama
 
     tokenizer = load_tokenizer("gpt2")

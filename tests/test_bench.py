@@ -12,7 +12,9 @@ from transformers import GenerationConfig
 
 from lmdistill import bench
 from lmdistill.bench import BenchConfig, bench_models, format_bench, measure_forward, measure_generation
-from lmdistill.models import count_parameters, load_model, tokenizer_fingerprint
+from lmdistill.models.arch import count_parameters
+from lmdistill.models.fingerprint import tokenizer_fingerprint
+from lmdistill.models.load import load_model
 from tests.helpers import save_with_tokenizer, tiny_gpt2, tiny_llama
 
 SMALL = BenchConfig(prompt_tokens=16, new_tokens=8, repeats=2, warmup=1, batch_size=2, seq_len=32, device="cpu")

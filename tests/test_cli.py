@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lmdistill.train.rundir import read_metrics
 from lmdistill.cli import main
 from lmdistill.config import load_config
-from lmdistill.models import count_parameters
+from lmdistill.models.arch import count_parameters
 
 from .helpers import save_with_tokenizer, small_text_file, tiny_gpt2
 
@@ -407,7 +407,7 @@ def test_init_student_importance_strategy(capsys, ws, tmp_path):
     from lmdistill.data.prepare import tokenize_documents
     from lmdistill.data.sources import parse_source
     from lmdistill.importance import block_influence, most_influential
-    from lmdistill.models import load_model, load_tokenizer
+    from lmdistill.models.load import load_model, load_tokenizer
 
     out = tmp_path / "student"
     rc, stdout, err = run_cli(capsys, "init-student", "--teacher", ws["teacher"], "--num-layers", "2", "--strategy",
@@ -426,7 +426,7 @@ def test_init_student_importance_strategy(capsys, ws, tmp_path):
 def test_init_student_search_strategy_prints_and_saves_every_step(capsys, ws, tmp_path):
     from lmdistill.data.prepare import calibration_tokens
     from lmdistill.layer_search import greedy_search, make_calibration
-    from lmdistill.models import load_model, load_tokenizer
+    from lmdistill.models.load import load_model, load_tokenizer
 
     out = tmp_path / "student"
     rc, stdout, err = run_cli(capsys, "init-student", "--teacher", ws["teacher"], "--num-layers", "2", "--strategy",

@@ -30,7 +30,7 @@ from lmdistill.data import (
 )
 from lmdistill.data import shards, sources
 from lmdistill.data.corpora import CORPORA_DIR
-from lmdistill.models import tokenizer_fingerprint
+from lmdistill.models.fingerprint import tokenizer_fingerprint
 
 FP_A = "a" * 64
 FP_B = "b" * 64
@@ -197,7 +197,7 @@ def test_tokenize_documents_appends_eos_and_matches_tokenizer(gpt2_tokenizer):
 
 
 def test_tokenize_long_document_without_warning(caplog):
-    from lmdistill.models import load_tokenizer
+    from lmdistill.models.load import load_tokenizer
 
     tok = load_tokenizer("gpt2")  # fresh: the warning fires once per tokenizer object
     tok.model_max_length = 1024  # the offline files do not say so

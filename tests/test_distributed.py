@@ -211,7 +211,8 @@ def test_two_processes_from_a_teacher_cache_equal_one_process(ws, gpt2_tokenizer
     """Stored targets (top-k + tail samples, fused sparse KL) under DDP: each rank reads the
     targets of its own blocks, and the run is the one-process run with twice the batch."""
     from lmdistill.data.prepare import prepare
-    from lmdistill.models import load_model, tokenizer_fingerprint
+    from lmdistill.models.fingerprint import tokenizer_fingerprint
+    from lmdistill.models.load import load_model
     from lmdistill.teacher_cache import build_teacher_cache
 
     data = prepare(gpt2_tokenizer, [str(ws["text"])], ws["data"])

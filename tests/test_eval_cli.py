@@ -13,7 +13,7 @@ from lmdistill.cli import main
 from lmdistill.evaluate import hellaswag, lambada
 from lmdistill.evaluate.datasets import read_hellaswag, read_lambada, wikitext_detokenizer, wikitext_documents
 from lmdistill.evaluate.rolling import score_documents
-from lmdistill.models import load_model, load_tokenizer
+from lmdistill.models.load import load_model, load_tokenizer
 
 from .helpers import save_with_tokenizer, tiny_gpt2
 

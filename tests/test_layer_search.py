@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lmdistill.layer_search import _Recording, format_cut_table, greedy_search, keep_only, make_calibration, score_cut
-from lmdistill.models import decoder_layers
+from lmdistill.models.arch import decoder_layers
 from lmdistill.student import build_student
 
 from .helpers import tiny_gpt2, tiny_llama

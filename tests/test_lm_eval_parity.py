@@ -97,7 +97,7 @@ def _make_harness_python() -> Path:
     override = os.environ.get("LMDISTILL_LM_EVAL_PYTHON")
     if override:
         return Path(override)
-    from lmdistill.models import cache_dir
+    from lmdistill.models.cache import cache_dir
 
     venv = cache_dir() / "lm-eval-venv"
     python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
@@ -164,7 +164,7 @@ def _build_model(folder: Path) -> None:
     import torch.nn.functional as F
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lmdistill.models import load_tokenizer
+    from lmdistill.models.load import load_tokenizer
 
     tokenizer = load_tokenizer("gpt2")
     torch.manual_seed(0)
@@ -290,7 +290,7 @@ def harness(tmp_path_factory) -> HarnessRun:
 
 @pytest.fixture(scope="module")
 def ours(harness):
-    from lmdistill.models import load_model, load_tokenizer
+    from lmdistill.models.load import load_model, load_tokenizer
 
     return load_model(harness.model_dir), load_tokenizer(harness.model_dir)
 

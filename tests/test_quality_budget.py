@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 from lmdistill.evaluate.perplexity import PerplexityProtocol, perplexity
 from lmdistill.data.corpora import corpus_documents
 from lmdistill.data.prepare import tokenize_documents
-from lmdistill.models import load_tokenizer
+from lmdistill.models.load import load_tokenizer
 
 from .helpers import load_benchmark, save_with_tokenizer, small_text_file, tiny_gpt2
 

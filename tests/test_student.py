@@ -6,13 +6,14 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from lmdistill.models import Architecture, ModelError, architecture_of, count_parameters, decoder_layers
+from lmdistill.models.arch import Architecture, architecture_of, count_parameters, decoder_layers
+from lmdistill.models.errors import ModelError
+from lmdistill.models.save import save_model
 from lmdistill.student import (
     DISTILGPT2_MAP,
     build_student,
     check_shared_vocabulary,
     layer_map,
-    save_model,
     student_layer_map,
     validate_layer_map,
 )
@@ -154,7 +155,7 @@ def test_unknown_architecture_error():
     class Odd(torch.nn.Module):
         pass
 
-    from lmdistill.models import _discover_architecture
+    from lmdistill.models.arch import _discover_architecture
 
     teacher = tiny_gpt2(n_layer=2, vocab_size=300)
     teacher.config.model_type = "mystery"
@@ -166,7 +167,7 @@ def test_unknown_architecture_error():
 def test_generic_fallback_finds_parts():
     teacher = tiny_llama(num_layers=3)
     teacher.config.model_type = "llama-like-unknown"
-    from lmdistill.models import _discover_architecture
+    from lmdistill.models.arch import _discover_architecture
 
     arch = _discover_architecture(teacher)
     assert isinstance(arch, Architecture)

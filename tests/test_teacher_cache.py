@@ -18,7 +18,8 @@ from lmdistill.config import ConfigError, load_config
 from lmdistill.data.corpora import corpus_documents
 from lmdistill.data.prepare import prepare
 from lmdistill.losses import kl_divergence
-from lmdistill.models import load_model, model_fingerprint, tokenizer_fingerprint
+from lmdistill.models.fingerprint import model_fingerprint, tokenizer_fingerprint
+from lmdistill.models.load import load_model
 from lmdistill.sparse_kl import sparse_kl_divergence
 from lmdistill.teacher_cache import (
     CACHE_VERSION,

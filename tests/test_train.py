@@ -167,7 +167,7 @@ def test_checkpoints_are_complete_and_pruned(workspace, tmp_path):
 def test_importance_strategy_keeps_the_most_influential_layers(workspace, tmp_path):
     from lmdistill.data.prepare import load_prepared
     from lmdistill.importance import block_influence, most_influential
-    from lmdistill.models import load_model
+    from lmdistill.models.load import load_model
 
     config = make_config(workspace, max_steps=1)
     config.model.strategy = "importance"
@@ -185,7 +185,7 @@ def test_configured_divergence_is_the_logged_logit_term(workspace, tmp_path, nam
     from lmdistill.data.prepare import load_prepared
     from lmdistill.data.sampler import BlockSampler
     from lmdistill.divergences import DivergenceSpec
-    from lmdistill.models import load_model
+    from lmdistill.models.load import load_model
 
     config = make_config(workspace, max_steps=1, batch_size=2)
     config.loss = LossConfig(**{**asdict(config.loss), "divergence": name, "cos": 0.0, "ce": 0.0,

@@ -24,7 +24,7 @@ from lmdistill.data.corpora import SPLITS, check_split
 from lmdistill.data.errors import DataError
 from lmdistill.data.shards import SHARD_VERSION, ShardError, ShardWriter, dtype_for_vocab, read_shard, shard_info
 from lmdistill.data.sources import Source, parse_source
-from lmdistill.models import tokenizer_fingerprint
+from lmdistill.models.fingerprint import tokenizer_fingerprint
 
 META_FORMAT_VERSION = 1
 META_NAME = "meta.json"

@@ -53,7 +53,7 @@ from pathlib import Path
 from lmdistill.data.corpora import CORPORA, SPLITS, check_split, corpus_documents, corpus_path
 from lmdistill.data.errors import DataError
 from lmdistill.data.jsonl import json_objects
-from lmdistill.models import hub_reachable
+from lmdistill.models.hub import hub_reachable
 
 TXT_PIECE_CHARS = 10_000
 # Bump when the document or split rules change, so that prepared caches are rebuilt.

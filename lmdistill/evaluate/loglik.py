@@ -48,7 +48,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.errors import DataError
-from ..models import ModelError, eval_mode, model_device
+from ..models.device import eval_mode, model_device
+from ..models.errors import ModelError
 
 __all__ = [
     "DEFAULT_MAX_LENGTH",

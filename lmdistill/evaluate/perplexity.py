@@ -43,7 +43,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from ..data.errors import DataError
-from ..models import ModelError, eval_mode, model_device
+from ..models.device import eval_mode, model_device
+from ..models.errors import ModelError
 
 __all__ = ["PerplexityProtocol", "PerplexityResult", "perplexity"]
 

@@ -8,15 +8,11 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..models import (
-    ModelError,
-    config_context_length,
-    load_model,
-    load_tokenizer,
-    model_config,
-    resolve_device,
-    tokenizer_fingerprint,
-)
+from ..models.arch import config_context_length
+from ..models.device import resolve_device
+from ..models.errors import ModelError
+from ..models.fingerprint import tokenizer_fingerprint
+from ..models.load import load_model, load_tokenizer, model_config
 from .tasks import PerplexityTask, Task
 
 

@@ -38,7 +38,7 @@ from ..data.corpora import CORPORA
 from ..errors import LmdistillError
 from ..data.prepare import tokenize_documents
 from ..data.sources import parse_source
-from ..models import tokenizer_fingerprint
+from ..models.fingerprint import tokenizer_fingerprint
 from .perplexity import PerplexityProtocol, perplexity
 
 
@@ -186,7 +186,7 @@ class WikiTextTask(RollingTask):
 
     def _from_hub(self) -> list[str]:
         # Without a path, the harness's own source: EleutherAI/wikitext_document_level.
-        from ..models import hub_reachable
+        from ..models.hub import hub_reachable
 
         variant = self.opt("variant", "2")
         if variant not in ("2", "103"):

@@ -24,9 +24,9 @@ from ..atomic import write_text_atomic
 from ..config import RunConfig
 from ..data.sampler import BlockSampler
 from ..errors import NonFiniteError
-from ..models import count_parameters
+from ..models.arch import count_parameters
+from ..models.save import save_model
 from ..schedule import Budget, lr_factor
-from ..student import save_model
 from .health import ValidationWatch, non_finite_parameter, non_finite_stop, optimiser_fault
 from .rundir import (
     SHARED_RUN_DIR,

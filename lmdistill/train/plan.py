@@ -18,15 +18,10 @@ from transformers import PretrainedConfig, PreTrainedTokenizerBase
 from ..config import ConfigError, RunConfig, check_teacher_cache_settings
 from ..divergences import DivergenceSpec
 from ..losses import LossWeights
-from ..models import (
-    cache_dir,
-    config_context_length,
-    config_fingerprint,
-    config_num_layers,
-    load_tokenizer,
-    model_config,
-    tokenizer_fingerprint,
-)
+from ..models.arch import config_context_length, config_num_layers
+from ..models.cache import cache_dir
+from ..models.fingerprint import config_fingerprint, tokenizer_fingerprint
+from ..models.load import load_tokenizer, model_config
 from ..student import check_layer_request, resolve_strategy, student_depth
 from ..teacher_cache import TeacherCache
 

@@ -42,7 +42,7 @@ from .. import dist
 from ..atomic import build_dir_atomic, nearest_existing, remove_leftovers, write_text_atomic
 from ..config import RunConfig
 from ..errors import LmdistillError
-from ..student import save_model
+from ..models.save import save_model
 
 try:  # POSIX; elsewhere runs are not locked
     import fcntl

@@ -25,7 +25,10 @@ from ..data.prepare import PreparedData, prepare
 from ..layer_search import choose_layers
 from ..loss.objective import StudentObjective
 from ..losses import LossWeights
-from ..models import architecture_of, decoder_layers, load_model, model_fingerprint, resolve_device
+from ..models.arch import architecture_of, decoder_layers
+from ..models.device import resolve_device
+from ..models.fingerprint import model_fingerprint
+from ..models.load import load_model
 from ..student import (
     DATA_STRATEGIES,
     build_student,

@@ -1,0 +1,44 @@
+"""Devices: the one a name asks for, the one a model's inputs go to; eval mode for a block."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from .errors import ModelError
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when visible; an unavailable device is refused with the fix."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {name} asked for but no CUDA device is visible; use cpu or auto")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise ModelError("device mps asked for but not available; use cpu or auto")
+    return torch.device(name)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where a model's inputs go: its input embeddings' device (with a device_map, they decide)."""
+    get_emb = getattr(model, "get_input_embeddings", None)
+    emb = get_emb() if callable(get_emb) else None
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return emb.weight.device
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Eval mode (no dropout) for the block; afterwards every submodule's own flag comes back."""
+    modes = {m: m.training for model in models for m in model.modules()}
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
