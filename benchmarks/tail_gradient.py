@@ -34,7 +34,7 @@ from lmdistill.importance import block_influence, most_influential
 from lmdistill.models.arch import decoder_layers
 from lmdistill.models.load import load_model, load_tokenizer
 from lmdistill.student import build_student
-from lmdistill.teacher_cache import sample_tail
+from lmdistill.teacher_cache.build import sample_tail
 
 TEACHER = "smollm2-135m"
 BLOCK = 256

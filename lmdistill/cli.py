@@ -197,7 +197,9 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     from .models.device import resolve_device
     from .models.fingerprint import tokenizer_fingerprint
     from .models.load import load_model, load_tokenizer, model_config
-    from .teacher_cache import MAX_TAIL_SAMPLES, TeacherCache, build_teacher_cache, part_name
+    from .teacher_cache.build import build_teacher_cache
+    from .teacher_cache.format import MAX_TAIL_SAMPLES, part_name
+    from .teacher_cache.reader import TeacherCache
     from .train.plan import default_prepared_dir
 
     # Cheap checks first: arguments, the teacher's config and tokenizer, the data.

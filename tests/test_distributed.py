@@ -213,7 +213,7 @@ def test_two_processes_from_a_teacher_cache_equal_one_process(ws, gpt2_tokenizer
     from lmdistill.data.prepare import prepare
     from lmdistill.models.fingerprint import tokenizer_fingerprint
     from lmdistill.models.load import load_model
-    from lmdistill.teacher_cache import build_teacher_cache
+    from lmdistill.teacher_cache.build import build_teacher_cache
 
     data = prepare(gpt2_tokenizer, [str(ws["text"])], ws["data"])
     build_teacher_cache(load_model(ws["teacher"]), data, tmp_path / "cache", top_k=8, temperatures=[2.0],

@@ -11,7 +11,7 @@ import torch
 from lmdistill.chunked_loss import chunked_logit_losses
 from lmdistill.losses import causal_lm_loss, kl_divergence
 from lmdistill.sparse_kl import SparseTargets, sparse_kl_divergence
-from lmdistill.teacher_cache import sample_tail
+from lmdistill.teacher_cache.build import sample_tail
 
 from .helpers import softmax64
 

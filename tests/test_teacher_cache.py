@@ -21,15 +21,9 @@ from lmdistill.losses import kl_divergence
 from lmdistill.models.fingerprint import model_fingerprint, tokenizer_fingerprint
 from lmdistill.models.load import load_model
 from lmdistill.sparse_kl import sparse_kl_divergence
-from lmdistill.teacher_cache import (
-    CACHE_VERSION,
-    HEADER_BYTES,
-    TeacherCache,
-    TeacherCacheError,
-    build_teacher_cache,
-    data_fingerprint,
-    part_name,
-)
+from lmdistill.teacher_cache.build import build_teacher_cache
+from lmdistill.teacher_cache.format import CACHE_VERSION, HEADER_BYTES, TeacherCacheError, data_fingerprint, part_name
+from lmdistill.teacher_cache.reader import TeacherCache
 from lmdistill.train.run import run_training
 
 from .helpers import save_with_tokenizer, small_text_file, softmax64, tiny_gpt2

@@ -13,13 +13,8 @@ import pytest
 import torch
 
 from lmdistill.cli import main
-from lmdistill.teacher_cache import (
-    HEADER_BYTES,
-    TeacherCache,
-    TeacherCacheError,
-    part_name,
-    read_header,
-)
+from lmdistill.teacher_cache.format import HEADER_BYTES, TeacherCacheError, part_name, read_header
+from lmdistill.teacher_cache.reader import TeacherCache
 
 from .test_teacher_cache import B, _overrides, build, distill_config, ws  # noqa: F401 (ws: the shared fixture)
 

@@ -12,7 +12,7 @@ from transformers import PreTrainedModel
 from ..chunked_loss import chunked_logit_losses
 from ..losses import LossWeights, distillation_loss
 from ..sparse_kl import sparse_kl_divergence
-from ..teacher_cache import TeacherTargets
+from ..teacher_cache.reader import TeacherTargets
 
 
 def forward_model(model: PreTrainedModel, input_ids: torch.Tensor, want_hidden: bool, fused: bool):

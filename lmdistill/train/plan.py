@@ -23,7 +23,7 @@ from ..models.cache import cache_dir
 from ..models.fingerprint import config_fingerprint, tokenizer_fingerprint
 from ..models.load import load_tokenizer, model_config
 from ..student import check_layer_request, resolve_strategy, student_depth
-from ..teacher_cache import TeacherCache
+from ..teacher_cache.reader import TeacherCache
 
 
 @dataclass(frozen=True)

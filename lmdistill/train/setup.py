@@ -38,7 +38,8 @@ from ..student import (
     student_depth,
     student_layer_map,
 )
-from ..teacher_cache import TeacherCache, data_fingerprint
+from ..teacher_cache.format import data_fingerprint
+from ..teacher_cache.reader import TeacherCache
 from .plan import RunPlan, aligned_layers, plan_run
 
 
