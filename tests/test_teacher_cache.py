@@ -88,9 +88,10 @@ def payload(path: Path) -> bytes:
 def test_round_trip_matches_the_teachers_logits_on_the_samplers_blocks(ws):
     cache = TeacherCache(ws["cache"])
     tokens = ws["data"].tokens("train")
-    assert cache.num_blocks == (len(tokens) - 1) // B and cache.header.total_positions == cache.num_blocks * B
-    assert cache.k == 16 and cache.temperatures == TEMPS and cache.vocab_size == 50257
-    blocks = np.arange(cache.num_blocks)
+    h = cache.header
+    assert h.num_blocks == (len(tokens) - 1) // B and h.total_positions == h.num_blocks * B
+    assert h.k == 16 and h.temperatures == TEMPS and h.vocab_size == 50257
+    blocks = np.arange(h.num_blocks)
     logits = teacher_logits(ws["teacher"], ws["data"], blocks, batch_size=4)
     top, idx = logits.topk(16, dim=-1)
     peak = top[..., :1]
@@ -108,7 +109,7 @@ def test_round_trip_matches_the_teachers_logits_on_the_samplers_blocks(ws):
         assert not (got.tail_indices.unsqueeze(-1) == idx.unsqueeze(-2)).any()
         assert torch.equal(got.tail_values, (logits - peak).gather(-1, got.tail_indices).half())
     # Any order of blocks, as the sampler draws them, from raw records too.
-    picked = np.array([5, 0, cache.num_blocks - 1])
+    picked = np.array([5, 0, cache.header.num_blocks - 1])
     assert torch.equal(cache.targets(picked, 2.0).indices, idx[picked])
     raw = cache.records(picked)
     assert raw.shape == (3, B) and raw["indices"].dtype == np.dtype("<u2")  # the vocabulary fits uint16
@@ -235,8 +236,8 @@ def test_two_ranks_parts_equal_the_single_process_cache(ws, tmp_path):
     part1 = build(ws, out, rank=1, world_size=2)
     assert part0.complete and part1.complete
     single, parts = TeacherCache(ws["cache"]), TeacherCache(out)
-    blocks = np.arange(single.num_blocks)
-    assert parts.num_blocks == single.num_blocks and len(parts.paths) == 2
+    blocks = np.arange(single.header.num_blocks)
+    assert parts.header.num_blocks == single.header.num_blocks and len(parts.paths) == 2
     assert parts.records(blocks).tobytes() == single.records(blocks).tobytes()
     assert payload(part0.path) + payload(part1.path) == payload(single.paths[0])
 

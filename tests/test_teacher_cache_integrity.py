@@ -124,7 +124,7 @@ def test_a_truncated_part_is_refused_and_rebuilt_by_the_fix_it_names(ws, two_par
     assert build(ws, folder, rank=1, world_size=2).resumed_from == 0
     assert path.read_bytes() == (two_parts / path.name).read_bytes()
     single, parts = TeacherCache(ws["cache"]), TeacherCache(folder)
-    blocks = np.arange(single.num_blocks)
+    blocks = np.arange(single.header.num_blocks)
     assert parts.records(blocks).tobytes() == single.records(blocks).tobytes()
 
 
@@ -164,7 +164,7 @@ def test_a_version_2_cache_is_read_with_a_notice_and_its_ids_are_checked(ws, tmp
     assert out.count("\n") == 1 and out.startswith(f"[lmdistill] teacher cache {tmp_path / 'v2'} is in format "
                                                    f"version 2, without checksums")
     assert old.header.version == 2 and not old.header.has_checksums
-    blocks = np.arange(new.num_blocks)
+    blocks = np.arange(new.header.num_blocks)
     for T in (1.0, 2.0):
         a, b = old.targets(blocks, T), new.targets(blocks, T)
         assert all(torch.equal(getattr(a, f), getattr(b, f)) for f in ("values", "indices", "lse", "tail_indices",

@@ -192,26 +192,9 @@ def build_teacher_cache(
     The cache is complete once every part is: :class:`TeacherCache` refuses it before.
     """
     out_dir = Path(out_dir)
-    if value_dtype not in VALUE_TORCH:
-        raise TeacherCacheError(f"value dtype must be one of {', '.join(VALUE_TORCH)}, got {value_dtype!r}")
-    temps = _temperature_list(temperatures)
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise TeacherCacheError(f"need 0 <= rank < world_size, got rank {rank}, world size {world_size}")
-    if batch_size < 1:
-        raise TeacherCacheError(f"batch size must be at least 1, got {batch_size}")
-    vocab = teacher.get_output_embeddings().weight.shape[0] if teacher.get_output_embeddings() is not None \
-        else teacher.config.vocab_size
-    if not 1 <= top_k <= vocab:
-        raise TeacherCacheError(f"top-k must be between 1 and the teacher's vocabulary of {vocab:,}, got {top_k}")
-    if isinstance(tail_samples, bool) or not 0 <= tail_samples <= MAX_TAIL_SAMPLES:
-        raise TeacherCacheError(f"tail samples must be between 0 and {MAX_TAIL_SAMPLES}, got {tail_samples}")
-    if tail_samples and top_k == vocab:
-        raise TeacherCacheError(f"top-k {top_k} keeps the whole vocabulary: there is no tail to sample; use "
-                                f"--tail-samples 0")
-    context = config_context_length(teacher.config)
-    if block_size < 1 or (context is not None and block_size > context):
-        raise TeacherCacheError(f"block size {block_size} must be between 1 and the teacher's context of {context} "
-                                f"tokens")
+    temps, vocab = _check_build_settings(teacher, top_k=top_k, temperatures=temperatures, block_size=block_size,
+                                         tail_samples=tail_samples, value_dtype=value_dtype, batch_size=batch_size,
+                                         rank=rank, world_size=world_size)
     if data.fingerprint != tokenizer_fingerprint:
         raise DataError(f"{data.out_dir} was prepared with another tokenizer than the teacher's; prepare it with "
                         f"lmdistill prepare --tokenizer TEACHER")
@@ -240,11 +223,53 @@ def build_teacher_cache(
         progress_path.unlink(missing_ok=True)  # left by a run killed just after its rename
         return BuildResult(final, True, blocks_total, blocks_total, blocks_total)
 
+    done, step = _start_part(partial, progress_path, header, batch_size)
+    resumed_from = done
+    done = _write_batches(teacher, tokens, header, partial, progress_path, done, step, max_batches, progress)
+    if done < blocks_total:
+        return BuildResult(partial, False, done, blocks_total, resumed_from)
+    os.replace(partial, final)
+    progress_path.unlink(missing_ok=True)
+    read_header(final)
+    return BuildResult(final, True, done, blocks_total, resumed_from)
+
+
+def _check_build_settings(teacher: PreTrainedModel, *, top_k: int, temperatures: Sequence[float], block_size: int,
+                          tail_samples: int, value_dtype: str, batch_size: int, rank: int,
+                          world_size: int) -> tuple[tuple[float, ...], int]:
+    """Refuse build arguments that cannot work with this teacher; the temperatures and the
+    teacher's vocabulary size (its logit count)."""
+    if value_dtype not in VALUE_TORCH:
+        raise TeacherCacheError(f"value dtype must be one of {', '.join(VALUE_TORCH)}, got {value_dtype!r}")
+    temps = _temperature_list(temperatures)
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise TeacherCacheError(f"need 0 <= rank < world_size, got rank {rank}, world size {world_size}")
+    if batch_size < 1:
+        raise TeacherCacheError(f"batch size must be at least 1, got {batch_size}")
+    vocab = teacher.get_output_embeddings().weight.shape[0] if teacher.get_output_embeddings() is not None \
+        else teacher.config.vocab_size
+    if not 1 <= top_k <= vocab:
+        raise TeacherCacheError(f"top-k must be between 1 and the teacher's vocabulary of {vocab:,}, got {top_k}")
+    if isinstance(tail_samples, bool) or not 0 <= tail_samples <= MAX_TAIL_SAMPLES:
+        raise TeacherCacheError(f"tail samples must be between 0 and {MAX_TAIL_SAMPLES}, got {tail_samples}")
+    if tail_samples and top_k == vocab:
+        raise TeacherCacheError(f"top-k {top_k} keeps the whole vocabulary: there is no tail to sample; use "
+                                f"--tail-samples 0")
+    context = config_context_length(teacher.config)
+    if block_size < 1 or (context is not None and block_size > context):
+        raise TeacherCacheError(f"block size {block_size} must be between 1 and the teacher's context of {context} "
+                                f"tokens")
+    return temps, vocab
+
+
+def _start_part(partial: Path, progress_path: Path, header: CacheHeader, batch_size: int) -> tuple[int, int]:
+    """``(blocks done, batch size)``: those recorded for an interrupted build of this very part
+    (its file at full size, starting with this header), or a fresh ``.partial`` file at 0."""
     packed = header.pack()
     done, step = 0, batch_size
     saved = _read_progress(progress_path) if partial.exists() else None
     if saved is not None and partial.stat().st_size == header.file_bytes and _file_starts_with(partial, packed):
-        done, step = min(int(saved["blocks_done"]), blocks_total), int(saved["batch_size"])
+        done, step = min(int(saved["blocks_done"]), header.part_num_blocks), int(saved["batch_size"])
         if step != batch_size:
             print(f"[lmdistill] resuming with the batch size of the interrupted run ({step}), so that the bytes match")
     else:
@@ -255,12 +280,18 @@ def build_teacher_cache(
             os.fsync(fh.fileno())
         os.chmod(partial, 0o644)
         write_text_atomic(progress_path, json.dumps({"blocks_done": 0, "batch_size": step}) + "\n")
-    resumed_from = done
+    return done, step
 
+
+def _write_batches(teacher: PreTrainedModel, tokens: np.ndarray, header: CacheHeader, partial: Path,
+                   progress_path: Path, done: int, step: int, max_batches: int | None, progress: bool) -> int:
+    """Run the teacher on the part's blocks from ``done`` on, ``step`` blocks a batch (at most
+    ``max_batches`` batches), writing each batch and then its progress record; the blocks done."""
+    first, blocks_total, block_size = header.first_block, header.part_num_blocks, header.block_size
     stored_block = header.block_dtype
     teacher.eval()
     bar = tqdm(total=blocks_total, initial=done, unit="block", disable=not progress, dynamic_ncols=True,
-               desc=f"cache-teacher part {rank}/{world_size}")
+               desc=f"cache-teacher part {header.part}/{header.parts}")
     batches = 0
     fd = os.open(partial, os.O_RDWR)
     try:
@@ -268,8 +299,8 @@ def build_teacher_cache(
             count = min(step, blocks_total - done)
             starts = (first + done + np.arange(count)) * block_size
             window = np.asarray(tokens)[starts[:, None] + np.arange(block_size)]
-            rec = teacher_records(teacher, torch.from_numpy(window.astype(np.int64)), top_k, temps,
-                                  header.record_dtype, value_dtype, tail_samples, first + done)
+            rec = teacher_records(teacher, torch.from_numpy(window.astype(np.int64)), header.k, header.temperatures,
+                                  header.record_dtype, header.value_dtype, header.tail_samples, first + done)
             os.pwrite(fd, _stored_blocks(rec, first + done, stored_block).tobytes(),
                       HEADER_BYTES + done * stored_block.itemsize)
             os.fsync(fd)
@@ -280,12 +311,7 @@ def build_teacher_cache(
     finally:
         os.close(fd)
         bar.close()
-    if done < blocks_total:
-        return BuildResult(partial, False, done, blocks_total, resumed_from)
-    os.replace(partial, final)
-    progress_path.unlink(missing_ok=True)
-    read_header(final)
-    return BuildResult(final, True, done, blocks_total, resumed_from)
+    return done
 
 
 def _stored_blocks(records: np.ndarray, first_block: int, block_dtype: np.dtype) -> np.ndarray:

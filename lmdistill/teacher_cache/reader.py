@@ -166,27 +166,6 @@ class TeacherCache:
                   f"checksums: its token ids are range-checked, but damaged values would go unnoticed; rebuild "
                   f"it with lmdistill cache-teacher (into a new --out) to add them")
 
-    # -- facts -------------------------------------------------------------------------
-    @property
-    def k(self) -> int:
-        return self.header.k
-
-    @property
-    def block_size(self) -> int:
-        return self.header.block_size
-
-    @property
-    def temperatures(self) -> tuple[float, ...]:
-        return self.header.temperatures
-
-    @property
-    def num_blocks(self) -> int:
-        return self.header.num_blocks
-
-    @property
-    def vocab_size(self) -> int:
-        return self.header.vocab_size
-
     def describe(self) -> str:
         h = self.header
         return (f"{self.root}: split {h.split}, {h.num_blocks:,} blocks of {h.block_size} = {h.total_positions:,} "
@@ -205,14 +184,11 @@ class TeacherCache:
             raise TeacherCacheError(
                 f"teacher cache {root} was built with another tokenizer (fingerprint {h.tokenizer_fingerprint[:12]}..., "
                 f"{teacher}'s is {tokenizer_fingerprint[:12]}...): its token ids mean other tokens; {rebuild}")
-        if teacher_config_fingerprint is not None and teacher_config_fingerprint != h.teacher_config_fingerprint:
-            raise TeacherCacheError(
-                f"teacher cache {root} was built from another teacher (config fingerprint "
-                f"{h.teacher_config_fingerprint[:12]}..., {teacher}'s is {teacher_config_fingerprint[:12]}...); {rebuild}")
-        if teacher_fingerprint is not None and teacher_fingerprint != h.teacher_fingerprint:
-            raise TeacherCacheError(
-                f"teacher cache {root} was built from another teacher (weights fingerprint "
-                f"{h.teacher_fingerprint[:12]}..., {teacher}'s is {teacher_fingerprint[:12]}...); {rebuild}")
+        for what, given, stored in (("config", teacher_config_fingerprint, h.teacher_config_fingerprint),
+                                    ("weights", teacher_fingerprint, h.teacher_fingerprint)):
+            if given is not None and given != stored:
+                raise TeacherCacheError(f"teacher cache {root} was built from another teacher ({what} fingerprint "
+                                        f"{stored[:12]}..., {teacher}'s is {given[:12]}...); {rebuild}")
         if vocab_size is not None and vocab_size != h.vocab_size:
             raise TeacherCacheError(
                 f"teacher cache {root} holds logits over a vocabulary of {h.vocab_size:,} tokens, the student has "
@@ -250,10 +226,10 @@ class TeacherCache:
         """The raw records of ``blocks``, ``(len(blocks), block_size)`` of :attr:`CacheHeader.record_dtype`,
         each block checked (checksum, token ids) as it is read."""
         blocks = np.asarray(blocks, dtype=np.int64).reshape(-1)
-        if blocks.size and (blocks.min() < 0 or blocks.max() >= self.num_blocks):
-            raise TeacherCacheError(f"teacher cache {self.root} has blocks 0..{self.num_blocks - 1}, asked for "
+        if blocks.size and (blocks.min() < 0 or blocks.max() >= self.header.num_blocks):
+            raise TeacherCacheError(f"teacher cache {self.root} has blocks 0..{self.header.num_blocks - 1}, asked for "
                                     f"{blocks.min()}..{blocks.max()}")
-        out = np.empty((blocks.size, self.block_size), dtype=self.header.record_dtype)
+        out = np.empty((blocks.size, self.header.block_size), dtype=self.header.record_dtype)
         checksums = np.zeros(blocks.size, dtype=np.uint32)
         parts = np.searchsorted(self._starts, blocks, side="right") - 1
         for row, (block, part) in enumerate(zip(blocks, parts)):
@@ -269,7 +245,7 @@ class TeacherCache:
     def targets(self, blocks: Sequence[int] | np.ndarray, temperature: float) -> TeacherTargets:
         """Stored values, indices and lse (at ``temperature``) of ``blocks``, as tensors."""
         self.check(temperature=temperature)
-        t_index = next(i for i, t in enumerate(self.temperatures) if _same_temperature(temperature, t))
+        t_index = next(i for i, t in enumerate(self.header.temperatures) if _same_temperature(temperature, t))
         rec = self.records(blocks)
         value_type = VALUE_TORCH[self.header.value_dtype]
         values = torch.from_numpy(np.ascontiguousarray(rec["values"]).view(np.int16)).view(value_type)
@@ -279,5 +255,5 @@ class TeacherCache:
         if self.header.tail_samples:
             tail_indices = torch.from_numpy(rec["tail_ids"][..., t_index, :].astype(np.int64))
             tail_values = torch.from_numpy(np.ascontiguousarray(rec["tail_values"][..., t_index, :]).view(np.int16)).view(value_type)
-        return TeacherTargets(values, indices, lse, temperature=float(self.temperatures[t_index]),
+        return TeacherTargets(values, indices, lse, temperature=float(self.header.temperatures[t_index]),
                               tail_indices=tail_indices, tail_values=tail_values)
