@@ -1,8 +1,11 @@
-"""Model and tokenizer loading, the architecture adapter, parameter counts and the alias cache."""
+"""Model and tokenizer loading, the architecture adapter, parameter counts, the alias cache, and the
+models package's import layering."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -269,6 +272,20 @@ def test_count_parameters_llama_excludes_tied_embeddings():
     embed = model.model.embed_tokens.weight.numel()
     assert count_parameters(model) == total
     assert count_parameters(model, exclude_embeddings=True) == total - embed
+
+
+# ---------------------------------------------------------------------------------------
+# Import layering
+
+
+def test_data_and_fingerprints_do_not_import_the_model_loader():
+    """data/ needs a tokenizer fingerprint and the hub probe, nothing that loads models: a fresh
+    interpreter that imports it (and the fingerprints) holds none of the other models modules."""
+    code = ("import sys, lmdistill.data.prepare, lmdistill.data.sources, lmdistill.models.fingerprint; "
+            "print(*sorted(m for m in sys.modules if m.startswith('lmdistill.models')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["lmdistill.models", "lmdistill.models.errors", "lmdistill.models.fingerprint",
+                           "lmdistill.models.hub"]
 
 
 # ---------------------------------------------------------------------------------------
