@@ -189,6 +189,11 @@ def _parse_temperatures(text: str) -> list[float]:
     return temperatures
 
 
+def _flag(name: str, value: object) -> str:
+    """A cache-teacher argument as its flag (for the builder's messages)."""
+    return f"--{'dtype' if name == 'value_dtype' else name.replace('_', '-')} {value}"
+
+
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
     from .data.errors import DataError
     from .data.prepare import load_prepared, prepare
@@ -197,28 +202,20 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     from .models.device import resolve_device
     from .models.fingerprint import tokenizer_fingerprint
     from .models.load import load_model, load_tokenizer, model_config
-    from .teacher_cache.build import build_teacher_cache
-    from .teacher_cache.format import MAX_TAIL_SAMPLES, part_name
+    from .teacher_cache.build import build_teacher_cache, check_build_settings
+    from .teacher_cache.format import part_name
     from .teacher_cache.reader import TeacherCache
     from .train.plan import default_prepared_dir
 
-    # Cheap checks first: arguments, the teacher's config and tokenizer, the data.
-    if not args.rank < args.world_size:
-        raise UsageError(f"--rank {args.rank} must be below --world-size {args.world_size} (parts 0 to "
-                         f"{args.world_size - 1})")
+    # Cheap checks first: arguments against the teacher's config, then its tokenizer and the data.
     teacher_cfg = model_config(args.teacher)
-    vocab, context = getattr(teacher_cfg, "vocab_size", None), config_context_length(teacher_cfg)
-    if vocab is not None and args.top_k > vocab:
-        raise UsageError(f"--top-k {args.top_k} exceeds the teacher's vocabulary of {vocab:,} tokens; use at most "
-                         f"{vocab}")
-    if context is not None and args.block_size > context:
-        raise UsageError(f"--block-size {args.block_size} exceeds the teacher's context of {context} tokens; use the "
-                         f"data.block_size the distill run will use")
+    vocab = getattr(teacher_cfg, "vocab_size", None)
     tail_samples = args.tail_samples
     if tail_samples is None:  # no tail when every logit is kept
         tail_samples = 0 if vocab is not None and args.top_k >= vocab else DEFAULT_TAIL_SAMPLES
-    if not 0 <= tail_samples <= MAX_TAIL_SAMPLES:
-        raise UsageError(f"--tail-samples must be 0 (tail bucket only) to {MAX_TAIL_SAMPLES}, got {tail_samples}")
+    check_build_settings(vocab, config_context_length(teacher_cfg), top_k=args.top_k, temperatures=args.temperatures,
+                         block_size=args.block_size, tail_samples=tail_samples, value_dtype=args.dtype,
+                         batch_size=args.batch_size, rank=args.rank, world_size=args.world_size, setting=_flag)
     tokenizer = load_tokenizer(args.teacher)
     fingerprint = tokenizer_fingerprint(tokenizer)
     folder = Path(args.data[0])

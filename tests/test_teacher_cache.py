@@ -144,12 +144,12 @@ def test_cli_cache_teacher_writes_the_same_cache(ws, capsys, tmp_path):
     rc = main(["cache-teacher", "--teacher", str(ws["teacher_dir"]), "--data", str(ws["data"].out_dir), "--top-k",
                "60000", "--block-size", str(B), "--out", str(tmp_path / "d")])
     err = capsys.readouterr().err
-    assert rc == 2 and err.count("\n") == 1 and "exceeds the teacher's vocabulary of 50,257" in err
+    assert rc == 2 and err.count("\n") == 1 and "--top-k 60000 exceeds the teacher's vocabulary of 50,257 tokens" in err
     assert not (tmp_path / "d").exists()
     rc = main(["cache-teacher", "--teacher", str(ws["teacher_dir"]), "--data", str(ws["data"].out_dir), "--top-k",
                "4", "--tail-samples", "-1", "--block-size", str(B), "--out", str(tmp_path / "d")])
     err = capsys.readouterr().err
-    assert rc == 2 and "--tail-samples must be 0 (tail bucket only) to 4096" in err and not (tmp_path / "d").exists()
+    assert rc == 2 and "--tail-samples -1: tail samples must be 0 (tail bucket only) to 4096" in err and not (tmp_path / "d").exists()
 
 
 # ---------------------------------------------------------------------------------------

@@ -188,10 +188,12 @@ def test_a_version_2_cache_is_read_with_a_notice_and_its_ids_are_checked(ws, tmp
 
 @pytest.mark.parametrize("bad, match", [
     ({"temperatures": (2.0, 2.0)}, "temperatures 2, 2 repeat a value"),
-    ({"batch_size": 0}, "batch size must be at least 1"),
-    ({"value_dtype": "fp8"}, "value dtype must be one of fp16, bf16"),
-    ({"block_size": 129}, "block size 129 must be between 1 and the teacher's context of 128 tokens"),
-    ({"top_k": 50257}, "keeps the whole vocabulary: there is no tail to sample; use --tail-samples 0"),
+    ({"batch_size": 0}, "batch_size=0: the batch size must be at least 1"),
+    ({"value_dtype": "fp8"}, "value_dtype=fp8: the value dtype must be one of fp16, bf16"),
+    ({"block_size": 129}, "block_size=129: the block size must be between 1 and the teacher's context of 128 tokens"),
+    ({"top_k": 50257}, "top_k=50257 keeps the whole vocabulary: there is no tail to sample; use tail_samples=0"),
+    ({"top_k": 50258}, "top_k=50258 exceeds the teacher's vocabulary of 50,257 tokens; use at most 50257"),
+    ({"rank": 1}, r"rank=1 must be below world_size=1 \(parts 0 to 0\)"),
 ])
 def test_bad_build_arguments_are_tool_errors_before_anything_is_written(ws, tmp_path, bad, match):
     with pytest.raises(TeacherCacheError, match=match):  # a DataError, so the CLI reports it in one line

@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -192,9 +192,11 @@ def build_teacher_cache(
     The cache is complete once every part is: :class:`TeacherCache` refuses it before.
     """
     out_dir = Path(out_dir)
-    temps, vocab = _check_build_settings(teacher, top_k=top_k, temperatures=temperatures, block_size=block_size,
-                                         tail_samples=tail_samples, value_dtype=value_dtype, batch_size=batch_size,
-                                         rank=rank, world_size=world_size)
+    head = teacher.get_output_embeddings()
+    vocab = head.weight.shape[0] if head is not None else teacher.config.vocab_size
+    temps = check_build_settings(vocab, config_context_length(teacher.config), top_k=top_k, temperatures=temperatures,
+                                 block_size=block_size, tail_samples=tail_samples, value_dtype=value_dtype,
+                                 batch_size=batch_size, rank=rank, world_size=world_size)
     if data.fingerprint != tokenizer_fingerprint:
         raise DataError(f"{data.out_dir} was prepared with another tokenizer than the teacher's; prepare it with "
                         f"lmdistill prepare --tokenizer TEACHER")
@@ -234,32 +236,42 @@ def build_teacher_cache(
     return BuildResult(final, True, done, blocks_total, resumed_from)
 
 
-def _check_build_settings(teacher: PreTrainedModel, *, top_k: int, temperatures: Sequence[float], block_size: int,
-                          tail_samples: int, value_dtype: str, batch_size: int, rank: int,
-                          world_size: int) -> tuple[tuple[float, ...], int]:
-    """Refuse build arguments that cannot work with this teacher; the temperatures and the
-    teacher's vocabulary size (its logit count)."""
+def api_setting(name: str, value: object) -> str:
+    """How a caller of :func:`build_teacher_cache` sets ``name`` (the CLI passes its flags instead)."""
+    return f"{name}={value}"
+
+
+def check_build_settings(vocab: int | None, context: int | None, *, top_k: int, temperatures: Sequence[float],
+                         block_size: int, tail_samples: int, value_dtype: str = "fp16", batch_size: int = 1,
+                         rank: int = 0, world_size: int = 1,
+                         setting: Callable[[str, object], str] = api_setting) -> tuple[float, ...]:
+    """Refuse build arguments that cannot work with a teacher of ``vocab`` logits and a context
+    of ``context`` tokens (None: unknown, not checked); returns the temperatures. ``setting``
+    names an argument and its fix in the caller's terms (``top_k=8`` or ``--top-k 8``)."""
     if value_dtype not in VALUE_TORCH:
-        raise TeacherCacheError(f"value dtype must be one of {', '.join(VALUE_TORCH)}, got {value_dtype!r}")
+        raise TeacherCacheError(f"{setting('value_dtype', value_dtype)}: the value dtype must be one of "
+                                f"{', '.join(VALUE_TORCH)}")
     temps = _temperature_list(temperatures)
     if world_size < 1 or not 0 <= rank < world_size:
-        raise TeacherCacheError(f"need 0 <= rank < world_size, got rank {rank}, world size {world_size}")
+        raise TeacherCacheError(f"{setting('rank', rank)} must be below {setting('world_size', world_size)} "
+                                f"(parts 0 to {world_size - 1})")
     if batch_size < 1:
-        raise TeacherCacheError(f"batch size must be at least 1, got {batch_size}")
-    vocab = teacher.get_output_embeddings().weight.shape[0] if teacher.get_output_embeddings() is not None \
-        else teacher.config.vocab_size
-    if not 1 <= top_k <= vocab:
-        raise TeacherCacheError(f"top-k must be between 1 and the teacher's vocabulary of {vocab:,}, got {top_k}")
+        raise TeacherCacheError(f"{setting('batch_size', batch_size)}: the batch size must be at least 1")
+    if top_k < 1:
+        raise TeacherCacheError(f"{setting('top_k', top_k)}: keep at least 1 logit per position")
+    if vocab is not None and top_k > vocab:
+        raise TeacherCacheError(f"{setting('top_k', top_k)} exceeds the teacher's vocabulary of {vocab:,} tokens; "
+                                f"use at most {vocab}")
     if isinstance(tail_samples, bool) or not 0 <= tail_samples <= MAX_TAIL_SAMPLES:
-        raise TeacherCacheError(f"tail samples must be between 0 and {MAX_TAIL_SAMPLES}, got {tail_samples}")
+        raise TeacherCacheError(f"{setting('tail_samples', tail_samples)}: tail samples must be 0 (tail bucket only) "
+                                f"to {MAX_TAIL_SAMPLES}")
     if tail_samples and top_k == vocab:
-        raise TeacherCacheError(f"top-k {top_k} keeps the whole vocabulary: there is no tail to sample; use "
-                                f"--tail-samples 0")
-    context = config_context_length(teacher.config)
+        raise TeacherCacheError(f"{setting('top_k', top_k)} keeps the whole vocabulary: there is no tail to sample; "
+                                f"use {setting('tail_samples', 0)}")
     if block_size < 1 or (context is not None and block_size > context):
-        raise TeacherCacheError(f"block size {block_size} must be between 1 and the teacher's context of {context} "
-                                f"tokens")
-    return temps, vocab
+        raise TeacherCacheError(f"{setting('block_size', block_size)}: the block size must be between 1 and the "
+                                f"teacher's context of {context} tokens (the distill run's data.block_size)")
+    return temps
 
 
 def _start_part(partial: Path, progress_path: Path, header: CacheHeader, batch_size: int) -> tuple[int, int]:
