@@ -10,7 +10,7 @@ the GPT-2 tokenizer from device_assets/) distilled into DistilGPT2's 6 layers (t
 ``distilgpt2`` recipe's loss and optimiser) at sequence 1024, batch 8, in bf16 autocast, on
 the bundled Moby-Dick tokens, for ``STEPS`` steps. ``report`` takes tokens/s as the median of
 the steady steps (the first ones hold CUDA start-up and, compiled, the compile time), MFU as
-the analytic matmul FLOPs of a step (:mod:`lmdistill.flops`: teacher forward + 3x student
+the analytic matmul FLOPs of a step (:mod:`lmdistill.measure.flops`: teacher forward + 3x student
 forward) per second over the GPU's bf16 dense peak (989.4 TFLOP/s for H100 SXM and H200,
 756.5 for H100 PCIe; also against a measured 8192^3 bf16 matmul), and checks that every
 run finished with finite, decreasing losses and that the compiled and the torchrun (1-GPU
@@ -126,7 +126,7 @@ def report(work: Path, out: Path) -> int:
     from transformers import AutoConfig
 
     from lmdistill.train.rundir import read_metrics
-    from lmdistill.flops import step_flops
+    from lmdistill.measure.flops import step_flops
 
     name = "cpu (dry run)" if DRY else torch.cuda.get_device_name()
     spec = None if DRY else next((peak for key, peak in SPEC_PEAKS.items() if all(part in name for part in key.split())), None)

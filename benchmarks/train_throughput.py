@@ -22,7 +22,7 @@ warm-up ``train_step`` (timed apart: first-call allocation and kernel selection)
 ``--steps`` steps, synchronising the device before and after each.
 
 MFU = (matmul FLOPs of the step / median step time) / peak, where the FLOPs come from
-:func:`lmdistill.flops.step_flops` (teacher 2N + student 6N per token, plus attention, no
+:func:`lmdistill.measure.flops.step_flops` (teacher 2N + student 6N per token, plus attention, no
 causal halving; see that module) and the peak is *measured* in the same run on the same
 device and dtype: the best of several square matmuls (2048 on CPU, 8192 on CUDA), timed at
 the start and again at the end, best of both. MFU here is thus relative to what this machine
@@ -52,7 +52,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from lmdistill.config import load_config
 from lmdistill.data.sampler import BlockSampler
-from lmdistill.flops import matmul_params, step_flops
+from lmdistill.measure.flops import matmul_params, step_flops
 from lmdistill.models.arch import config_num_layers
 from lmdistill.models.device import resolve_device
 from lmdistill.models.load import load_tokenizer
@@ -256,7 +256,7 @@ def main() -> int:
         "dtype": str(dtype).removeprefix("torch."),
         "allow_tf32": torch.backends.cuda.matmul.allow_tf32 if device.type == "cuda" else None,
         "flop_convention": "matmul FLOPs only; teacher 2N+attn, student 3x(2N+attn); attention 4*L*H*hd*seq per token, "
-                           "no causal halving; N = Linear/Conv1D weights incl. lm_head, excl. embeddings (lmdistill.flops)",
+                           "no causal halving; N = Linear/Conv1D weights incl. lm_head, excl. embeddings (lmdistill.measure.flops)",
         "peak": {"before": peak_before, "after": peak_after, "flops_per_s": peak, "dtype": str(dtype).removeprefix("torch.")},
         "cases": cases,
     }

@@ -9,7 +9,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from lmdistill.flops import attention_flops_per_token, forward_flops_per_token, matmul_params, step_flops
+from lmdistill.measure.flops import attention_flops_per_token, forward_flops_per_token, matmul_params, step_flops
 
 SEQ = 16
 BATCH = 2
