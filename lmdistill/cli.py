@@ -267,7 +267,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from .evaluate.runner import evaluate_models, format_tables
+    from .evaluate.results import format_eval
+    from .evaluate.runner import evaluate_models
     from .evaluate.tasks import parse_tasks
 
     specs = list(args.task or [])
@@ -280,7 +281,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     tasks = [task for spec in specs for task in parse_tasks(spec)]
     target = _output_file(args.json, "--json")
     results = evaluate_models(args.models, tasks, batch_size=args.batch_size, device=args.device)
-    print(format_tables(results))
+    print("\n".join(format_eval(results)))
     _write_json(target, results)
     return 0
 
@@ -299,8 +300,11 @@ def _prompts(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from .generate import SamplingConfig, check_prompt_fits, generate_timed
-    from .models.device import resolve_device
+    import torch
+
+    from .generate import SamplingConfig, check_prompt_fits, encode_prompt, generate
+    from .measure.speed import REPEATS, WARMUP, generation_protocol, generation_speeds
+    from .models.device import model_device, resolve_device
     from .models.fingerprint import tokenizer_fingerprint
     from .models.load import load_model, load_tokenizer
 
@@ -317,37 +321,41 @@ def cmd_generate(args: argparse.Namespace) -> int:
         for prompt in prompts:  # every prompt fits every model before any output
             check_prompt_fits(model, tokenizer, prompt, args.max_new_tokens)
     for prompt in prompts:
-        results = []
         for spec, model, tokenizer in zip(specs, models, tokenizers):
             if args.compare:
                 print(f"--- {spec}")
             print(prompt, end="", flush=True)
-            result = generate_timed(model, tokenizer, prompt, sampling, stream=lambda piece: print(piece, end="", flush=True))
+            generate(model, tokenizer, prompt, sampling, stream=lambda piece: print(piece, end="", flush=True))
             print()
-            results.append(result)
         if args.compare:
-            # Same prompt, same decoding settings, one after the other on this device.
-            base = results[0].tokens_per_second
-            speeds = ", ".join(f"{spec}: {r.new_tokens} tokens in {r.seconds:.2f} s = {r.tokens_per_second:.1f} tokens/s "
-                               f"({r.tokens_per_second / base:.2f}x)" for spec, r in zip(specs, results))
-            print(f"--- speed (batch 1, KV cache, prefill included): {speeds}")
+            # The text above follows the sampling options; the speed is measured apart, by the one
+            # protocol that bench and the demo use, on this prompt.
+            ids = [torch.tensor([encode_prompt(t, prompt)], dtype=torch.long) for t in tokenizers]
+            speeds = generation_speeds(models, ids, args.max_new_tokens, REPEATS, WARMUP)
+            protocol = generation_protocol(args.max_new_tokens, REPEATS, WARMUP, model_device(models[0]),
+                                           torch.get_num_threads(), prompt=f"this one ({ids[0].shape[1]} tokens)")
+            base = speeds[0].tokens_per_second
+            parts = ", ".join(f"{spec}: {s.new_tokens} tokens in {s.new_tokens / s.tokens_per_second:.2f} s of decode "
+                              f"= {s.tokens_per_second:.1f} tokens/s ({s.tokens_per_second / base:.2f}x)"
+                              for spec, s in zip(specs, speeds))
+            print(f"--- speed ({protocol}): {parts}")
     return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from .bench import BenchConfig, bench_models, format_bench
+    from .measure.bench import BenchConfig, bench_models, format_bench
 
     config = BenchConfig(prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats,
                          warmup=args.warmup, batch_size=args.batch_size, seq_len=args.seq_len, device=args.device)
     target = _output_file(args.json, "--json")
     results = bench_models(args.models, config)
-    print(format_bench(results))
+    print("\n".join(format_bench(results)))
     _write_json(target, results)
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .report.write import write_report
 
     extra = {}
     for key, path in (("eval_results", args.eval), ("bench_results", args.bench)):

@@ -9,7 +9,6 @@ hub config, for instance, would silently add ``top_k=50``).
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,7 +20,8 @@ from transformers.generation.streamers import BaseStreamer
 from .errors import LmdistillError
 from .models.device import eval_mode, model_device
 
-__all__ = ["SamplingConfig", "SamplingError", "check_prompt_fits", "generate", "generate_ids", "continuation_text"]
+__all__ = ["SamplingConfig", "SamplingError", "check_length", "check_prompt_fits", "continuation_text", "generate",
+           "generate_ids", "encode_prompt"]
 
 
 class SamplingError(LmdistillError):
@@ -115,7 +115,7 @@ def check_length(model: nn.Module, prompt_tokens: int, new_tokens: int) -> None:
 
 def check_prompt_fits(model: nn.Module, tokenizer, prompt: str, max_new_tokens: int) -> None:
     """Fail before any output when ``prompt`` plus ``max_new_tokens`` would not fit ``model``."""
-    check_length(model, len(_prompt_ids(tokenizer, prompt)), max_new_tokens)
+    check_length(model, len(encode_prompt(tokenizer, prompt)), max_new_tokens)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -177,7 +177,8 @@ class _CallbackStreamer(BaseStreamer):
             self.stream(piece)
 
 
-def _prompt_ids(tokenizer, prompt: str) -> list[int]:
+def encode_prompt(tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids as the model sees them (special tokens added); BOS alone for an empty prompt."""
     ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
     if ids:
         return list(ids)
@@ -224,49 +225,6 @@ def generate_ids(
     return out[0, input_ids.shape[1]:].cpu()
 
 
-@dataclass(frozen=True)
-class Generation:
-    """A continuation with what it cost: new tokens (EOS included if it ended the text) and seconds."""
-
-    text: str
-    new_tokens: int
-    seconds: float
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.new_tokens / self.seconds if self.seconds > 0 else float("inf")
-
-
-@torch.no_grad()
-def generate_timed(
-    model,
-    tokenizer,
-    prompt: str,
-    config: SamplingConfig = SamplingConfig(),
-    stream: Callable[[str], None] | None = None,
-) -> Generation:
-    """Like :func:`generate`, also counting new tokens and wall time (prefill included)."""
-    ids = _prompt_ids(tokenizer, prompt)
-    streamer = _CallbackStreamer(tokenizer, ids, stream) if stream is not None else None
-    model_eos = model_eos_token_id(model)
-    device = model_device(model)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    started = time.perf_counter()
-    new_ids = generate_ids(
-        model,
-        torch.tensor([ids], dtype=torch.long),
-        config,
-        streamer=streamer,
-        eos_token_id=model_eos if model_eos is not None else tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    seconds = time.perf_counter() - started
-    return Generation(continuation_text(tokenizer, ids, new_ids.tolist()), len(new_ids), seconds)
-
-
 def generate(
     model,
     tokenizer,
@@ -278,6 +236,17 @@ def generate(
 
     If ``stream`` is given, it receives the text in pieces as tokens are produced; the pieces
     concatenate to the returned string. The model is put in eval mode for the call and
-    restored afterwards.
+    restored afterwards. (Speed is measured apart, by :mod:`lmdistill.measure.speed`.)
     """
-    return generate_timed(model, tokenizer, prompt, config, stream).text
+    ids = encode_prompt(tokenizer, prompt)
+    streamer = _CallbackStreamer(tokenizer, ids, stream) if stream is not None else None
+    model_eos = model_eos_token_id(model)
+    new_ids = generate_ids(
+        model,
+        torch.tensor([ids], dtype=torch.long),
+        config,
+        streamer=streamer,
+        eos_token_id=model_eos if model_eos is not None else tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return continuation_text(tokenizer, ids, new_ids.tolist())

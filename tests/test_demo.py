@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import json
 
-from lmdistill.demo import run_demo
+from lmdistill.demo import NEW_TOKENS, run_demo
+from lmdistill.measure import speed
 
 from .helpers import save_with_tokenizer, small_text_file, tiny_gpt2
 
+LABELS = ["teacher", "student (initialised)", "student (distilled)"]
 
-def test_demo_pipeline_on_a_tiny_teacher(tmp_path, gpt2_tokenizer, capsys):
+
+def test_demo_pipeline_on_a_tiny_teacher(tmp_path, gpt2_tokenizer, capsys, monkeypatch):
+    timed = []  # every run of the one timing loop: (layers, new tokens)
+    original = speed.time_generation
+
+    def recording(model, prompt_ids, new_tokens, clock):
+        timed.append((model.config.n_layer, new_tokens))
+        return original(model, prompt_ids, new_tokens, clock)
+
+    monkeypatch.setattr(speed, "time_generation", recording)
     teacher = save_with_tokenizer(tiny_gpt2(n_layer=4, seed=0), gpt2_tokenizer, tmp_path / "teacher")
     text = small_text_file(tmp_path)
     out = tmp_path / "demo"
@@ -20,18 +31,28 @@ def test_demo_pipeline_on_a_tiny_teacher(tmp_path, gpt2_tokenizer, capsys):
         "train.eval_tokens=256", "train.threads=1", "train.warmup=0.2",
     ])
     printed = capsys.readouterr().out
-    models = results["models"]
-    assert list(models) == ["teacher", "student (initialised)", "student (distilled)"]
-    assert models["student (distilled)"]["parameters"]["total"] < models["teacher"]["parameters"]["total"]
-    for row in models.values():
-        assert set(row["perplexity"]) == {"corpus:austen", "corpus:moby_dick", "corpus:sotu"}
+    assert (results["kind"], results["version"]) == ("demo", 2)
+    assert list(results["models"]) == LABELS and results["models"]["teacher"] == str(teacher)
+    assert [t["label"] for t in results["eval"]["tasks"]] == ["ppl austen", "ppl moby_dick", "ppl sotu"]
+    rows = {row["model"]: row["tasks"] for row in results["eval"]["models"]}
+    assert list(rows) == LABELS
+    for tasks in rows.values():
         # 300 tokens in windows of the tiny model's 128-token context: 300 - ceil(300/128) scored.
-        assert all(n == 297 for n in row["tokens_scored"].values())
-        assert row["generation"]["new_tokens"] == 64 and row["generation"]["tokens_per_second"] > 0
+        assert all(task["tokens_scored"] == 297 for task in tasks.values())
     # Distillation moves the student: its perplexities differ from the initialised copy's.
-    assert models["student (distilled)"]["perplexity"] != models["student (initialised)"]["perplexity"]
+    assert rows["student (distilled)"] != rows["student (initialised)"]
+
+    # Speed: the one timing loop, on all three models interleaved after one warm-up each.
+    assert timed == [(4, NEW_TOKENS), (2, NEW_TOKENS), (2, NEW_TOKENS)] * (speed.WARMUP + speed.REPEATS)
+    bench = {m["model"]: m for m in results["bench"]["models"]}
+    assert list(bench) == LABELS and f"{NEW_TOKENS} single-token forwards" in results["bench"]["protocol"]
+    assert bench["student (distilled)"]["parameters"]["total"] < bench["teacher"]["parameters"]["total"]
+    assert all(m["generation"]["tokens_per_second"] > 0 for m in bench.values())
+    assert bench["teacher"]["speedup"]["generation"] == 1.0
+
     report = (out / "report.md").read_text()
     assert "| teacher |" in report and "windows of 128 tokens" in report and "12 steps" in report
-    assert json.loads((out / "results.json").read_text())["train"]["step"] == 12
-    assert "| student (distilled) |" in printed
+    assert results["bench"]["protocol"] in report and "## Sample continuations" in report
+    assert json.loads((out / "results.json").read_text()) == results
+    assert "| student (distilled) |" in printed and results["bench"]["protocol"] in printed
     assert len(results["samples"]["teacher"]) == 3

@@ -13,7 +13,11 @@ from pathlib import Path
 import pytest
 
 from lmdistill.config import load_config
-from lmdistill.report import DPI, FIGSIZE, format_bench, format_eval, plot_metrics, write_report
+from lmdistill.evaluate.results import format_eval
+from lmdistill.measure.bench import format_bench
+from lmdistill.report.plots import DPI, FIGSIZE, plot_metrics
+from lmdistill.report.results import format_demo, upgrade_demo
+from lmdistill.report.write import write_report
 from lmdistill.train.run import run_training
 
 from .helpers import save_with_tokenizer, small_text_file, tiny_gpt2
@@ -34,6 +38,7 @@ train:
   max_grad_norm: 5.0
 """
 
+# A demo results.json as lmdistill wrote it before version 2 (read through upgrade_demo).
 DEMO_RESULTS = {
     "protocol": "token-level perplexity (natural log), windows of 512 tokens, stride 512; test split of each bundled corpus",
     "models": {
@@ -67,12 +72,13 @@ EVAL_JSON = {
 }
 
 BENCH_JSON = {
-    "protocol": {"batch": 1, "new_tokens": 64, "device": "cuda"},
+    "protocol": "batch 1, 64 new tokens, on cuda",
+    "device": "cuda",
     "models": [
         {"model": "gpt2", "parameters": {"total": 124_439_808, "non_embedding": 85_056_000},
          "size_on_disk_bytes": 497_774_208, "peak_memory_bytes": 600_000_000,
-         "generation": {"tokens_per_second": 120.5, "ms_per_token": 8.3},
-         "prefill": {"tokens_per_second": 15000.0}, "forward": {"ms": 4.2},
+         "generation": {"tokens_per_second": 120.5, "ms_per_token": 8.3, "spread": 0.04},
+         "prefill": {"tokens_per_second": 15000.0, "spread": 0.12}, "forward": {"tokens_per_second": 4200.0},
          "speedup": {"generation": 1.0, "prefill": 1.0, "forward": 1.0}},
         # A row missing most keys: the table still renders, with "-" where values are missing.
         {"model": "runs/x/student", "parameters": {"total": 81_912_576},
@@ -201,35 +207,51 @@ def test_eval_and_bench_tables_from_files_and_arguments(tmp_path):
     (run / "eval.json").write_text(json.dumps(EVAL_JSON))
     (run / "bench.json").write_text(json.dumps(BENCH_JSON))
     report = write_report(run).read_text()
-    assert report.count("## Evaluation") == 2 and "## Size and speed" in report
-    # Demo shape: one row per model, perplexity per corpus, speed relative to the teacher, the protocol.
-    assert "Perplexity protocol: token-level perplexity (natural log), windows of 512 tokens" in report
-    assert "| model | parameters | ppl austen | ppl sotu | generation tokens/s |" in report
-    assert "| student (distilled) | 81.4M | 108.7 | 135.4 | 40.1 (1.71x) |" in report
+    assert report.count("## Evaluation") == 2 and report.count("## Size and speed") == 2
+    # An old demo result: one row per model, perplexity per corpus with its protocol, speed
+    # relative to the teacher with the old protocol, the gains and the samples.
+    assert "### summary\n\n| model | ppl austen perplexity | ppl sotu perplexity |" in report
+    assert "| student (distilled) | 108.70 | 135.40 |" in report
+    assert ("### ppl austen\nProtocol: token-level perplexity (natural log), windows of 512 tokens, stride 512; test "
+            "split of each bundled corpus.") in report
+    assert "through model.generate with the prefill of a 8-token prompt included, median of 3" in report
+    assert "| student (distilled) | 81.4M / - | 40.1 (1.71x) |" in report
     assert "austen 5,145x" in report and "**Prompt:** Call me Ishmael." in report
-    # eval --json shape: one table per task, each with its protocol.
+    # An evaluation result: one table per task, each with its protocol.
     assert "### wikitext\nProtocol: word perplexity, rolling windows of 1024.\n" in report
     assert "| gpt2 | 37.37 | 0.9684 |" in report
     assert "| runs/x/student | 0.2419 | - |" in report
-    # Bench: missing keys show as "-"; columns with no values at all are left out.
-    assert "Protocol: batch: 1; new_tokens: 64; device: cuda." in report
-    assert "| gpt2 | 124.4M | 85.1M | 497.8 MB | 600.0 MB | 120.5 | 8.30 | 15,000.0 tok/s | 4.20 ms |" in report
-    assert "| runs/x/student | 81.9M | - | - | - | 230.1 | - | - | - | generation 1.91x |" in report
+    # A bench result: missing keys show as "-"; columns with no values at all are left out.
+    assert "Protocol: batch 1, 64 new tokens, on cuda." in report
+    assert "| gpt2 | 124.4M / 85.1M | 497.8 | 600.0 | 120.5 (1.00x) | 8.30 | 15,000.0 | 4,200.0 (1.00x) |" in report
+    assert "| runs/x/student | 81.9M / - | - | - | 230.1 (1.91x) | - | - | - |" in report
+    assert "Largest run-to-run spread: 12% (cuda)." in report
 
-    # Arguments replace eval.json / bench.json; a demo-shaped argument replaces results.json too.
+    # Arguments replace eval.json / bench.json; a demo result as argument replaces results.json too.
     report = write_report(run, eval_results=DEMO_RESULTS, bench_results={"models": []}).read_text()
     assert report.count("## Evaluation") == 1 and "### wikitext" not in report
     assert "(benchmark results hold no models)" in report
 
 
+def test_an_old_demo_result_is_read_in_the_new_shape():
+    new = upgrade_demo(DEMO_RESULTS)
+    assert (new["kind"], new["version"]) == ("demo", 2) and upgrade_demo(new) is new
+    assert [t["label"] for t in new["eval"]["tasks"]] == ["ppl austen", "ppl sotu"]
+    rows = {r["model"]: r["tasks"] for r in new["eval"]["models"]}
+    assert rows["teacher"]["ppl sotu"]["perplexity"] == 27.6
+    bench = {m["model"]: m for m in new["bench"]["models"]}
+    assert bench["student (initialised)"]["speedup"]["generation"] == 40.7 / 23.5  # the same float64 division
+    assert bench["teacher"]["parameters"] == {"total": 134_515_008}
+
+
 def test_format_functions_tolerate_missing_keys():
     lines = "\n".join(format_eval({"models": [{"model": "m", "tasks": {"ppl": {"perplexity": 12.5}}}]}))
     assert "### ppl" in lines and "| m | 12.50 |" in lines
-    assert "unknown format" in format_eval({})[0]
+    assert format_eval({}) == ["(evaluation results hold no models)"]
     lines = "\n".join(format_bench({"models": [{"model": "m"}, {"generation": {"tokens_per_second": 5}}]}))
     assert "| m | - |" in lines and "| ? | 5.0 |" in lines
-    demo = "\n".join(format_eval({"models": {"teacher": {}, "student": {"perplexity": {"x": 3.0}}}}))
-    assert "| teacher | - |" in demo and "| student | 3.0 |" in demo
+    demo = "\n".join(format_demo({"models": {"teacher": {}, "student": {"perplexity": {"x": 3.0}}}}))
+    assert "| teacher | - |" in demo and "| student | 3.00 |" in demo
 
 
 # ---------------------------------------------------------------------------------------

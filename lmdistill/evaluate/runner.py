@@ -1,4 +1,5 @@
-"""Evaluate several models on the same tasks under one stated protocol, side by side."""
+"""Evaluate several models on the same tasks under one stated protocol, side by side; the
+result and its tables are in :mod:`.results`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from ..models.device import resolve_device
 from ..models.errors import ModelError
 from ..models.fingerprint import tokenizer_fingerprint
 from ..models.load import load_model, load_tokenizer, model_config
+from .results import eval_result
 from .tasks import PerplexityTask, Task
 
 
@@ -41,7 +43,8 @@ def check_windows(models: list[str], tasks: list[Task]) -> None:
 
 
 def evaluate_models(models: list[str], tasks: list[Task], batch_size: int = 4, device: str = "auto") -> dict[str, Any]:
-    """Load each MODEL in turn (one in memory at a time) and score it on every task."""
+    """Load each MODEL in turn (one in memory at a time) and score it on every task; returns an
+    evaluation result (:mod:`.results`)."""
     for task in tasks:
         task.load()  # bad data fails before any model loads
     check_windows(models, tasks)
@@ -57,50 +60,4 @@ def evaluate_models(models: list[str], tasks: list[Task], batch_size: int = 4, d
         del model
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-    return {
-        "tasks": [{"label": t.label, "name": t.name, "options": t.options, "protocol": t.protocol(),
-                   "metrics": list(t.metrics)} for t in tasks],
-        "device": str(target),
-        "models": rows,
-    }
-
-
-def format_tables(results: dict[str, Any]) -> str:
-    """Markdown: one table per task (rows = models, columns = metrics), its protocol above it."""
-    out: list[str] = summary_table(results)
-    if len({row["tokenizer"] for row in results["models"]}) > 1:
-        out += ["Note: these models use different tokenizers, so token-level perplexities are not comparable "
-                "(word- and byte-normalised metrics and accuracies are).", ""]
-    for task in results["tasks"]:
-        metrics = task["metrics"]
-        out.append(f"### {task['label']}")
-        out.append(f"Protocol: {task['protocol']}.")
-        out.append("")
-        out.append("| model | " + " | ".join(metrics) + " |")
-        out.append("|---|" + "---:|" * len(metrics))
-        for row in results["models"]:
-            values = row["tasks"][task["label"]]
-            out.append(f"| {row['model']} | " + " | ".join(_fmt(m, values[m]) for m in metrics) + " |")
-        out.append("")
-    return "\n".join(out).rstrip()
-
-
-def summary_table(results: dict[str, Any]) -> list[str]:
-    """All tasks side by side, the headline metric of each (protocols in the tables below)."""
-    tasks = results["tasks"]
-    if len(tasks) < 2:
-        return []
-    heads = [(t["label"], t["metrics"][0]) for t in tasks]
-    lines = ["### summary", "", "| model | " + " | ".join(f"{label} {metric}" for label, metric in heads) + " |",
-             "|---|" + "---:|" * len(heads)]
-    for row in results["models"]:
-        lines.append(f"| {row['model']} | " + " | ".join(_fmt(m, row["tasks"][label][m]) for label, m in heads) + " |")
-    return lines + [""]
-
-
-def _fmt(metric: str, value: float) -> str:
-    if metric.startswith("acc") or metric.endswith("_acc"):
-        return f"{value:.4f}"
-    if metric == "bits_per_byte":
-        return f"{value:.4f}"
-    return f"{value:,.2f}"
+    return eval_result(tasks, str(target), rows)

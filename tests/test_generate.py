@@ -1,15 +1,12 @@
-"""lmdistill.generate and lmdistill.bench on a tiny seeded GPT-2 with the real GPT-2 tokenizer."""
+"""lmdistill.generate on a tiny seeded GPT-2 with the real GPT-2 tokenizer (its speed is measured
+by lmdistill.measure.speed: test_measure_speed)."""
 
 from __future__ import annotations
-
-import math
-import os
 
 import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lmdistill.bench import GenerationSpeed, generation_speed, generation_speeds, parameter_counts, size_on_disk
 from lmdistill.generate import SamplingConfig, _CallbackStreamer, continuation_text, generate, generate_ids
 
 PROMPT = "The quick brown fox"
@@ -156,8 +153,6 @@ def test_generation_stops_at_eos(prompt_ids):
 def test_too_long_request_fails_before_generating(model, gpt2_tokenizer, prompt_ids):
     with pytest.raises(ValueError, match="positions"):
         generate_ids(model, prompt_ids, SamplingConfig(max_new_tokens=P))
-    with pytest.raises(ValueError, match="positions"):
-        generation_speed(model, prompt_ids, new_tokens=P)
 
 
 @pytest.mark.parametrize(
@@ -178,99 +173,3 @@ def test_too_long_request_fails_before_generating(model, gpt2_tokenizer, prompt_
 def test_invalid_sampling_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingConfig(**{field: value})
-
-
-# --------------------------------------------------------------------------- bench
-
-
-def _record_generate(model, log: list, name: str):
-    """Wrap model.generate to log (name, new tokens, eval mode) per call."""
-    original = model.generate
-
-    def wrapped(input_ids, *args, **kwargs):
-        out = original(input_ids, *args, **kwargs)
-        log.append((name, out.shape[1] - input_ids.shape[1], model.training))
-        return out
-
-    model.generate = wrapped
-    return model
-
-
-def test_generation_speed_exact_tokens_and_repeats(prompt_ids):
-    m = _tiny_gpt2()
-    # Make the first greedy token EOS: plain generation would stop after 1 token.
-    m.generation_config.eos_token_id = generate_ids(m, prompt_ids, SamplingConfig(max_new_tokens=1)).item()
-    m.train()
-    log: list = []
-    _record_generate(m, log, "m")
-    speed = generation_speed(m, prompt_ids, new_tokens=12, repeats=4, warmup=2)
-    assert isinstance(speed, GenerationSpeed)
-    assert log == [("m", 12, False)] * 6  # 2 warm-up + 4 timed, all exactly 12 tokens, in eval mode
-    assert m.training  # restored
-    assert speed.repeats == 4 and speed.new_tokens == 12 and speed.prompt_tokens == prompt_ids.shape[1]
-    assert math.isfinite(speed.tokens_per_second) and speed.tokens_per_second > 0
-    assert math.isfinite(speed.seconds_per_token) and speed.seconds_per_token > 0
-    assert speed.tokens_per_second * speed.seconds_per_token == pytest.approx(1.0, rel=1e-12)  # float64 reciprocals
-    assert math.isfinite(speed.spread) and speed.spread >= 0
-    assert speed.threads == torch.get_num_threads() and speed.device == "cpu"
-    d = speed.to_dict()
-    assert d["new_tokens"] == 12 and set(d) == {
-        "tokens_per_second", "seconds_per_token", "spread", "prompt_tokens", "new_tokens", "repeats", "threads", "device",
-    }
-
-
-def test_generation_speeds_interleaves_models(prompt_ids):
-    log: list = []
-    models = {"big": _record_generate(_tiny_gpt2(2), log, "big"), "small": _record_generate(_tiny_gpt2(1), log, "small")}
-    speeds = generation_speeds(models, prompt_ids, new_tokens=5, repeats=3, warmup=2)
-    assert set(speeds) == {"big", "small"}
-    assert [name for name, _, _ in log] == ["big", "big", "small", "small"] + ["big", "small"] * 3
-    assert all(n == 5 for _, n, _ in log)
-    for s in speeds.values():
-        assert s.repeats == 3 and s.new_tokens == 5 and s.tokens_per_second > 0
-
-
-def test_bench_rejects_bad_arguments(model, prompt_ids):
-    with pytest.raises(ValueError):
-        generation_speeds({}, prompt_ids)
-    with pytest.raises(ValueError):
-        generation_speed(model, prompt_ids[0])  # (P,) rather than (1, P)
-    with pytest.raises(ValueError):
-        generation_speed(model, prompt_ids, repeats=0)
-
-
-def test_parameter_counts_tied_gpt2_by_hand(model):
-    assert model.lm_head.weight is model.transformer.wte.weight
-    per_layer = 2 * D + (D * 3 * D + 3 * D) + (D * D + D) + 2 * D + (D * 4 * D + 4 * D) + (4 * D * D + D)
-    wte, wpe = V * D, P * D
-    total = wte + wpe + L * per_layer + 2 * D  # + ln_f; lm_head shares wte
-    assert parameter_counts(model) == {"total": total, "non_embedding": total - wte - wpe}
-
-
-def test_size_on_disk_matches_weight_files(model, tmp_path, gpt2_tokenizer):
-    folder = tmp_path / "saved"
-    model.save_pretrained(folder)
-    gpt2_tokenizer.save_pretrained(folder)
-    (folder / "training_args.bin").write_bytes(b"x" * 1000)  # not weights
-    weights = list(folder.glob("*.safetensors"))
-    assert weights
-    size = size_on_disk(folder)
-    assert size == sum(os.path.getsize(f) for f in weights)
-    # fp32, tied embedding stored once, plus a small header.
-    n = parameter_counts(model)["total"]
-    assert 4 * n <= size < 4 * n + 65536
-
-    # A folder in both formats counts the safetensors only; a .bin-only folder counts the .bin.
-    (folder / "pytorch_model.bin").write_bytes(b"y" * 5000)
-    assert size_on_disk(folder) == size
-    bin_only = tmp_path / "bin_only"
-    bin_only.mkdir()
-    torch.save(model.state_dict(), bin_only / "pytorch_model.bin")
-    assert size_on_disk(bin_only) == os.path.getsize(bin_only / "pytorch_model.bin")
-
-
-def test_size_on_disk_errors(tmp_path):
-    with pytest.raises(FileNotFoundError):
-        size_on_disk(tmp_path / "missing")
-    with pytest.raises(FileNotFoundError, match="no weight files"):
-        size_on_disk(tmp_path)

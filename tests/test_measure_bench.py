@@ -1,4 +1,5 @@
-"""lmdistill.bench.bench_models / format_bench on tiny saved GPT-2s with the real GPT-2 tokenizer."""
+"""lmdistill.measure.bench: bench_models / format_bench on tiny saved GPT-2s with the real GPT-2
+tokenizer, parameter counts and size on disk."""
 
 from __future__ import annotations
 
@@ -8,14 +9,13 @@ import os
 
 import pytest
 import torch
-from transformers import GenerationConfig
 
-from lmdistill import bench
-from lmdistill.bench import BenchConfig, bench_models, format_bench, measure_forward, measure_generation
+from lmdistill.measure import bench, speed
+from lmdistill.measure.bench import BenchConfig, bench_models, format_bench, parameter_counts, size_on_disk
 from lmdistill.models.arch import count_parameters
 from lmdistill.models.fingerprint import tokenizer_fingerprint
 from lmdistill.models.load import load_model
-from tests.helpers import save_with_tokenizer, tiny_gpt2, tiny_llama
+from tests.helpers import save_with_tokenizer, tiny_gpt2
 
 SMALL = BenchConfig(prompt_tokens=16, new_tokens=8, repeats=2, warmup=1, batch_size=2, seq_len=32, device="cpu")
 LAYERS = (3, 2, 1)  # one model per depth; the depth tells the models apart in the call log
@@ -31,7 +31,7 @@ def folders(tmp_path_factory, gpt2_tokenizer):
 def recorded(folders):
     """One bench run with every phase call logged as (phase, layers, input ids, new tokens)."""
     log: list = []
-    original_gen, original_fwd = bench.measure_generation, bench.measure_forward
+    original_gen, original_fwd = speed.time_generation, speed.time_forward
 
     def gen(model, prompt_ids, new_tokens, clock):
         log.append(("generation", model.config.n_layer, prompt_ids.clone(), new_tokens, model.training))
@@ -42,8 +42,8 @@ def recorded(folders):
         return original_fwd(model, batch_ids, clock)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(bench, "measure_generation", gen)
-        mp.setattr(bench, "measure_forward", fwd)
+        mp.setattr(speed, "time_generation", gen)
+        mp.setattr(speed, "time_forward", fwd)
         results = bench_models(folders, SMALL, progress=False)
     return results, log
 
@@ -72,6 +72,7 @@ def test_every_model_gets_the_same_inputs(recorded):
 
 def test_results_have_every_section_positive_and_finite(recorded, folders):
     results, _ = recorded
+    assert (results["kind"], results["version"]) == ("bench", 2)
     assert results["device"] == "cpu"
     assert results["threads"] == torch.get_num_threads()
     assert results["torch"] == torch.__version__
@@ -128,7 +129,7 @@ def test_hub_id_has_no_size_on_disk():
 def test_format_bench_one_row_per_model_and_the_protocol(recorded):
     results = copy.deepcopy(recorded[0])
     results["models"][1]["size_on_disk_bytes"] = None  # as for a hub id
-    text = format_bench(results)
+    text = "\n".join(format_bench(results))
     assert f"Protocol: {results['protocol']}" in text
     rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| model")]
     assert len(rows) == len(results["models"])
@@ -137,60 +138,20 @@ def test_format_bench_one_row_per_model_and_the_protocol(recorded):
         assert len(row.strip("|").split("|")) == 8
     assert "(1.00x)" in rows[0]
     assert f"({results['models'][2]['speedup']['generation']:.2f}x)" in rows[2]
-    assert " n/a " in rows[1]
+    assert " - " in rows[1]
+    spread = max(m[phase]["spread"] for m in results["models"] for phase in ("generation", "prefill", "forward"))
+    assert text.endswith(f"Largest run-to-run spread: {100 * spread:.0f}% (cpu, {results['threads']} threads).")
 
 
-# --------------------------------------------------------------------------- the measurement itself
-
-
-@pytest.mark.parametrize("make", [lambda: tiny_gpt2(2, seed=3), lambda: tiny_llama(2, seed=3)], ids=["gpt2", "llama"])
-def test_measure_generation_decodes_what_generate_decodes(make):
-    model = make()
-    for p in model.parameters():  # wide logits so greedy output varies from step to step
-        p.data.mul_(8.0)
-    prompt = torch.tensor([[5, 17, 42, 8, 33, 2, 71, 64]])
-    clock = bench._Clock(torch.device("cpu"))
-    prefill, decode, new_ids = measure_generation(model, prompt, 10, clock)
-    assert prefill > 0 and decode > 0
-    assert new_ids.shape == (11,)  # first token from the prefill, then one per decode step
-    config = GenerationConfig(max_new_tokens=11, min_new_tokens=11, do_sample=False, num_beams=1, use_cache=True,
-                              eos_token_id=None, pad_token_id=0)
-    with torch.no_grad():
-        expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config)[0, 8:]
-    assert new_ids.tolist() == expected.tolist()
-    assert len(set(expected.tolist())) > 1
-    assert measure_forward(model, torch.randint(0, 90, (2, 12)), clock) > 0
-
-
-def test_peak_memory_sees_a_transient_allocation():
-    memory = bench._PeakMemory(torch.device("cpu"))
-    if "ru_maxrss" in memory.method:
-        pytest.skip("lifetime high-water mark only; cannot measure a fresh peak here")
-    size = 64 * 2**20
-
-    def run():
-        x = torch.ones(size // 4)  # touched, so resident
-        assert x.sum() > 0
-        del x
-
-    assert memory.measure(run) >= 0.9 * size
-    # The peak was reset, not carried over (which would read >= size every time). The reading is
-    # process-wide, so another thread allocating meanwhile can inflate one attempt: take the least.
-    assert min(memory.measure(lambda: None) for _ in range(3)) < size / 4
-
-
-def test_psutil_sampler_sees_a_held_allocation():
-    pytest.importorskip("psutil")
-    import time
-
-    size = 64 * 2**20
-
-    def run():
-        x = torch.ones(size // 4)
-        time.sleep(0.05)  # held long enough for the sampling thread to see it
-        del x
-
-    assert bench._sampled_rss_growth(run) >= 0.9 * size
+def test_format_bench_leaves_out_what_no_model_has(recorded):
+    # As the demo's result: parameters and generation only; a missing value shows as "-".
+    results = {"protocol": "p", "models": [{k: m[k] for k in ("model", "parameters", "generation", "prefill", "speedup")}
+                                           for m in recorded[0]["models"]]}
+    del results["models"][1]["prefill"]
+    lines = format_bench(results)
+    assert lines[2] == "| model | params (total / non-emb) | gen tok/s (speed-up) | ms/token | prefill tok/s |"
+    assert lines[5].endswith(" | - |")
+    assert format_bench({"models": []}) == ["(benchmark results hold no models)"]
 
 
 # --------------------------------------------------------------------------- errors before any weights load
@@ -250,3 +211,50 @@ def test_invalid_bench_config_names_the_field(field, value):
 
 def test_bench_config_accepts_edge_values():
     BenchConfig(warmup=0, repeats=1, device="cuda:1")  # validated here, resolved only when benchmarking
+
+
+# --------------------------------------------------------------------------- parameters and size on disk
+
+V, D, L, P = 50257, 32, 2, 128
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_gpt2(L)
+
+
+def test_parameter_counts_tied_gpt2_by_hand(model):
+    assert model.lm_head.weight is model.transformer.wte.weight
+    per_layer = 2 * D + (D * 3 * D + 3 * D) + (D * D + D) + 2 * D + (D * 4 * D + 4 * D) + (4 * D * D + D)
+    wte, wpe = V * D, P * D
+    total = wte + wpe + L * per_layer + 2 * D  # + ln_f; lm_head shares wte
+    assert parameter_counts(model) == {"total": total, "non_embedding": total - wte - wpe}
+
+
+def test_size_on_disk_matches_weight_files(model, tmp_path, gpt2_tokenizer):
+    folder = tmp_path / "saved"
+    model.save_pretrained(folder)
+    gpt2_tokenizer.save_pretrained(folder)
+    (folder / "training_args.bin").write_bytes(b"x" * 1000)  # not weights
+    weights = list(folder.glob("*.safetensors"))
+    assert weights
+    size = size_on_disk(folder)
+    assert size == sum(os.path.getsize(f) for f in weights)
+    # fp32, tied embedding stored once, plus a small header.
+    n = parameter_counts(model)["total"]
+    assert 4 * n <= size < 4 * n + 65536
+
+    # A folder in both formats counts the safetensors only; a .bin-only folder counts the .bin.
+    (folder / "pytorch_model.bin").write_bytes(b"y" * 5000)
+    assert size_on_disk(folder) == size
+    bin_only = tmp_path / "bin_only"
+    bin_only.mkdir()
+    torch.save(model.state_dict(), bin_only / "pytorch_model.bin")
+    assert size_on_disk(bin_only) == os.path.getsize(bin_only / "pytorch_model.bin")
+
+
+def test_size_on_disk_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        size_on_disk(tmp_path / "missing")
+    with pytest.raises(FileNotFoundError, match="no weight files"):
+        size_on_disk(tmp_path)
