@@ -333,7 +333,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
             ids = [torch.tensor([encode_prompt(t, prompt)], dtype=torch.long) for t in tokenizers]
             speeds = generation_speeds(models, ids, args.max_new_tokens, REPEATS, WARMUP)
             protocol = generation_protocol(args.max_new_tokens, REPEATS, WARMUP, model_device(models[0]),
-                                           torch.get_num_threads(), prompt=f"this one ({ids[0].shape[1]} tokens)")
+                                           torch.get_num_threads(),
+                                           prompt=f"the one above ({' / '.join(dict.fromkeys(str(i.shape[1]) for i in ids))} tokens)")
             base = speeds[0].tokens_per_second
             parts = ", ".join(f"{spec}: {s.new_tokens} tokens in {s.new_tokens / s.tokens_per_second:.2f} s of decode "
                               f"= {s.tokens_per_second:.1f} tokens/s ({s.tokens_per_second / base:.2f}x)"

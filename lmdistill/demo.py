@@ -17,7 +17,6 @@ from typing import Any
 import torch
 
 from .atomic import write_text_atomic
-from .train.rundir import RunDir
 from .config import RunConfig, load_config
 from .data.corpora import CORPORA
 from .evaluate.perplexity import PerplexityProtocol
@@ -33,8 +32,8 @@ from .models.load import load_model, load_tokenizer, model_config
 from .report import results as demo_results
 from .report.write import write_report
 from .student import resolve_strategy
-from .train.rundir import RunDirError, check_run_dir
 from .train.run import run_training
+from .train.rundir import RunDir, RunDirError, check_run_dir
 
 RECIPE = "smollm2-demo"
 PROMPTS = [

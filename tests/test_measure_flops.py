@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from lmdistill.measure.flops import attention_flops_per_token, forward_flops_per_token, matmul_params, step_flops
+from lmdistill.models import ModelError
 
 SEQ = 16
 BATCH = 2
@@ -77,6 +79,12 @@ def test_step_flops_breakdown():
     assert step_flops(None, student, SEQ, tokens)["teacher_forward"] == 0
     with pytest.raises(ValueError):
         step_flops(teacher, student, 0, tokens)
+
+
+def test_a_config_without_its_shape_is_refused_naming_the_fields():
+    config = SimpleNamespace(model_type="mystery", num_hidden_layers=2, hidden_size=32)  # no head count
+    with pytest.raises(ModelError, match="mystery config.*num_attention_heads/n_head/num_heads"):
+        attention_flops_per_token(config, SEQ)
 
 
 def measured(model: torch.nn.Module, backward: bool = False) -> tuple[int, int]:

@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..models import ModelError
+
 __all__ = ["matmul_params", "attention_flops_per_token", "forward_flops_per_token", "step_flops"]
 
 
@@ -79,7 +81,9 @@ def _attention_shape(config: Any) -> tuple[int, int]:
     heads = next((getattr(config, k) for k in ("num_attention_heads", "n_head", "num_heads") if getattr(config, k, None)), None)
     hidden = next((getattr(config, k) for k in ("hidden_size", "n_embd", "d_model") if getattr(config, k, None)), None)
     if layers is None or heads is None or hidden is None:
-        raise ValueError(f"cannot read layers, heads and width from a {getattr(config, 'model_type', '?')} config")
+        raise ModelError(f"cannot read layers, heads and width from a {getattr(config, 'model_type', '?')} config: it "
+                         f"has none of num_hidden_layers/n_layer/num_layers, num_attention_heads/n_head/num_heads or "
+                         f"hidden_size/n_embd/d_model; add them to the model's config.json to count its FLOPs")
     head_dim = getattr(config, "head_dim", None) or hidden // heads
     return int(layers), int(heads) * int(head_dim)
 
