@@ -359,6 +359,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report.write import write_report
 
     extra = {}
+    # Result kinds each option takes (files from before results carried a kind have none).
+    kinds = {"eval_results": ("eval", "demo"), "bench_results": ("bench",)}
     for key, path in (("eval_results", args.eval), ("bench_results", args.bench)):
         if path:
             flag = "--eval" if key == "eval_results" else "--bench"
@@ -370,6 +372,10 @@ def cmd_report(args: argparse.Namespace) -> int:
             if not isinstance(extra[key], dict):
                 raise UsageError(f"{flag} {path} holds a JSON {type(extra[key]).__name__}, not the object that "
                                  f"lmdistill {flag.removeprefix('--')} --json writes; pass that file")
+            kind = extra[key].get("kind")
+            if kind is not None and kind not in kinds[key]:
+                other = "--bench" if kind == "bench" else "--eval"
+                raise UsageError(f"{flag} {path} holds the results of lmdistill {kind}; pass it with {other}")
     print(f"wrote {write_report(Path(args.run_dir), **extra)}")
     return 0
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from lmdistill.cli import main
 from lmdistill.config import load_config
 from lmdistill.evaluate.results import format_eval
 from lmdistill.measure.bench import format_bench
@@ -231,6 +232,17 @@ def test_eval_and_bench_tables_from_files_and_arguments(tmp_path):
     report = write_report(run, eval_results=DEMO_RESULTS, bench_results={"models": []}).read_text()
     assert report.count("## Evaluation") == 1 and "### wikitext" not in report
     assert "(benchmark results hold no models)" in report
+
+
+def test_a_result_given_to_the_other_option_is_refused(tmp_path, capsys):
+    run = make_run(tmp_path / "run")
+    results = tmp_path / "eval.json"
+    results.write_text(json.dumps({**EVAL_JSON, "kind": "eval", "version": 2}))
+    assert main(["report", str(run), "--bench", str(results)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"lmdistill report: error: --bench {results} holds the results of lmdistill eval; pass it with --eval\n"
+    assert not (run / "report.md").exists()
+    assert main(["report", str(run), "--eval", str(results)]) == 0
 
 
 def test_an_old_demo_result_is_read_in_the_new_shape():

@@ -236,6 +236,6 @@ def generation_protocol(new_tokens: int, repeats: int, warmup: int, device: torc
         + f"prefill is one forward of the prompt, timed apart; decode is {new_tokens} single-token forwards "
         f"through the cache with EOS ignored (as min_new_tokens = max_new_tokens), so every model does the same "
         f"work; ms/token = decode time / {new_tokens}; {warmup} untimed warm-up run(s) per model, then "
-        f"{repeats} timed repeats interleaved round-robin across models; timed with {timer}; median over repeats, "
-        f"spread = (max - min) / median of the per-repeat rates"
+        f"{repeats} timed repeats interleaved round-robin across models, so machine noise hits all alike; timed "
+        f"with {timer}; median over repeats, spread = (max - min) / median of the per-repeat rates"
     )
