@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 from lmdistill.measure.flops import attention_flops_per_token, forward_flops_per_token, matmul_params, step_flops
-from lmdistill.models import ModelError
+from lmdistill.models.errors import ModelError
 
 SEQ = 16
 BATCH = 2

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..models import ModelError
+from ..models.errors import ModelError
 
 __all__ = ["matmul_params", "attention_flops_per_token", "forward_flops_per_token", "step_flops"]
 

@@ -8,8 +8,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from ..train.rundir import RunDir
 from ..markdown import finite
+from ..train.rundir import RunDir
 
 IN_PROGRESS_SECONDS = 300  # metrics written more recently than this: the run is probably still going
 THROUGHPUT_WINDOW = 50  # steps over which the report's tokens/s is measured

@@ -15,9 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from ..atomic import write_text_atomic
-from ..train.rundir import RunDir, read_metrics
 from ..errors import LmdistillError
 from ..markdown import finite, get, join, number
+from ..train.rundir import RunDir, read_metrics
 from .plots import PLOT_FILES, PLOT_TITLES, plot_metrics
 from .run import LOSS_TERMS, read_yaml, run_status, split_rows, throughput
 from .results import result_sections
