@@ -30,10 +30,10 @@ import numpy as np
 import torch
 
 from lmdistill.data.corpora import CORPORA, corpus_documents
-from lmdistill.importance import block_influence, most_influential
 from lmdistill.models.arch import decoder_layers
 from lmdistill.models.load import load_model, load_tokenizer
-from lmdistill.student import build_student
+from lmdistill.student.build import build_student
+from lmdistill.student.importance import block_influence, most_influential
 from lmdistill.teacher_cache.build import sample_tail
 
 TEACHER = "smollm2-135m"

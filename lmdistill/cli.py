@@ -132,7 +132,8 @@ def cmd_init_student(args: argparse.Namespace) -> int:
     from .models.arch import config_num_layers, count_parameters, decoder_layers
     from .models.load import load_model, load_tokenizer, model_config
     from .models.save import save_model
-    from .student import DATA_STRATEGIES, build_student, check_layer_request, resolve_layer_map, resolve_strategy
+    from .student.build import build_student
+    from .student.maps import DATA_STRATEGIES, check_layer_request, resolve_layer_map, resolve_strategy
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -168,9 +169,9 @@ def cmd_init_student(args: argparse.Namespace) -> int:
 
 def _choose_layers(teacher, tokenizer, args: argparse.Namespace):
     from .data.prepare import calibration_tokens
-    from .layer_search import choose_layers
     from .models.arch import decoder_layers
-    from .student import student_depth
+    from .student.maps import student_depth
+    from .student.search import choose_layers
 
     tokens = calibration_tokens(tokenizer, args.calibration, args.calibration_tokens)
     print(f"calibration: {min(len(tokens), args.calibration_tokens):,} tokens of {args.calibration} (train split)")

@@ -31,7 +31,7 @@ from .models.device import model_device
 from .models.load import load_model, load_tokenizer, model_config
 from .report import results as demo_results
 from .report.write import write_report
-from .student import resolve_strategy
+from .student.maps import resolve_strategy
 from .train.run import run_training
 from .train.rundir import RunDir, RunDirError, check_run_dir
 

@@ -8,7 +8,7 @@ import torch
 from lmdistill.train.rundir import read_metrics
 from lmdistill.config import ConfigError
 from lmdistill.losses import LossWeights, distillation_loss, layer_alignment_loss
-from lmdistill.student import build_student
+from lmdistill.student.build import build_student
 from lmdistill.train.plan import aligned_layers
 from lmdistill.train.run import run_training
 

@@ -406,8 +406,8 @@ def test_bench_command(capsys, ws, tmp_path):
 def test_init_student_importance_strategy(capsys, ws, tmp_path):
     from lmdistill.data.prepare import tokenize_documents
     from lmdistill.data.sources import parse_source
-    from lmdistill.importance import block_influence, most_influential
     from lmdistill.models.load import load_model, load_tokenizer
+    from lmdistill.student.importance import block_influence, most_influential
 
     out = tmp_path / "student"
     rc, stdout, err = run_cli(capsys, "init-student", "--teacher", ws["teacher"], "--num-layers", "2", "--strategy",
@@ -425,8 +425,8 @@ def test_init_student_importance_strategy(capsys, ws, tmp_path):
 
 def test_init_student_search_strategy_prints_and_saves_every_step(capsys, ws, tmp_path):
     from lmdistill.data.prepare import calibration_tokens
-    from lmdistill.layer_search import greedy_search, make_calibration
     from lmdistill.models.load import load_model, load_tokenizer
+    from lmdistill.student.search import greedy_search, make_calibration
 
     out = tmp_path / "student"
     rc, stdout, err = run_cli(capsys, "init-student", "--teacher", ws["teacher"], "--num-layers", "2", "--strategy",

@@ -131,7 +131,7 @@ def test_llama_agrees_with_flop_counter():
 
 
 def test_student_cut_from_teacher_counts_its_own_layers():
-    from lmdistill.student import build_student
+    from lmdistill.student.build import build_student
 
     torch.manual_seed(0)
     teacher = GPT2LMHeadModel(gpt2_config(n_layer=4))

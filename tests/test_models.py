@@ -27,7 +27,7 @@ from lmdistill.models.errors import ModelError
 from lmdistill.models.fingerprint import tokenizer_fingerprint
 from lmdistill.models.load import load_model, load_tokenizer, model_config, weight_files
 from lmdistill.models.save import save_model
-from lmdistill.student import build_student
+from lmdistill.student.build import build_student
 
 from .helpers import save_with_tokenizer, tiny_gpt2, tiny_llama
 

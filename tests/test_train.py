@@ -166,8 +166,8 @@ def test_checkpoints_are_complete_and_pruned(workspace, tmp_path):
 
 def test_importance_strategy_keeps_the_most_influential_layers(workspace, tmp_path):
     from lmdistill.data.prepare import load_prepared
-    from lmdistill.importance import block_influence, most_influential
     from lmdistill.models.load import load_model
+    from lmdistill.student.importance import block_influence, most_influential
 
     config = make_config(workspace, max_steps=1)
     config.model.strategy = "importance"

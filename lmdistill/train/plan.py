@@ -22,7 +22,7 @@ from ..models.arch import config_context_length, config_num_layers
 from ..models.cache import cache_dir
 from ..models.fingerprint import config_fingerprint, tokenizer_fingerprint
 from ..models.load import load_tokenizer, model_config
-from ..student import check_layer_request, resolve_strategy, student_depth
+from ..student.maps import check_layer_request, resolve_strategy, student_depth
 from ..teacher_cache.reader import TeacherCache
 
 

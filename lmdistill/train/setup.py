@@ -22,22 +22,15 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .. import dist
 from ..config import ConfigError, RunConfig
 from ..data.prepare import PreparedData, prepare
-from ..layer_search import choose_layers
 from ..loss.objective import StudentObjective
 from ..losses import LossWeights
 from ..models.arch import architecture_of, decoder_layers
 from ..models.device import resolve_device
 from ..models.fingerprint import model_fingerprint
 from ..models.load import load_model
-from ..student import (
-    DATA_STRATEGIES,
-    build_student,
-    check_shared_vocabulary,
-    resolve_layer_map,
-    resolve_strategy,
-    student_depth,
-    student_layer_map,
-)
+from ..student.build import build_student, check_shared_vocabulary, student_layer_map
+from ..student.maps import DATA_STRATEGIES, resolve_layer_map, resolve_strategy, student_depth
+from ..student.search import choose_layers
 from ..teacher_cache.format import data_fingerprint
 from ..teacher_cache.reader import TeacherCache
 from .plan import RunPlan, aligned_layers, plan_run

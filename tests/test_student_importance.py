@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmdistill.importance import block_influence, most_influential
+from lmdistill.student.importance import block_influence, most_influential
 
 from .helpers import tiny_gpt2, tiny_llama
 

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from lmdistill.layer_search import _Recording, format_cut_table, greedy_search, keep_only, make_calibration, score_cut
 from lmdistill.models.arch import decoder_layers
-from lmdistill.student import build_student
+from lmdistill.student.build import build_student
+from lmdistill.student.search import _Recording, format_cut_table, greedy_search, keep_only, make_calibration, score_cut
 
 from .helpers import tiny_gpt2, tiny_llama
 from .test_models import tiny_gpt_neo

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel
 
-from .data.errors import DataError
-from .models.arch import config_context_length, decoder_layers
-from .models.device import eval_mode, model_device
-from .models.errors import ModelError
+from ..data.errors import DataError
+from ..models.arch import config_context_length, decoder_layers
+from ..models.device import eval_mode, model_device
+from ..models.errors import ModelError
 
 
 def calibration_blocks(model: PreTrainedModel, tokens: np.ndarray, block_size: int, max_tokens: int,

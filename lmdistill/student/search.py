@@ -22,11 +22,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from ..models.arch import architecture_of, decoder_layers
+from ..models.device import eval_mode, model_device
+from ..models.errors import ModelError
 from .importance import block_influence, calibration_blocks, most_influential
-from .models.arch import architecture_of, decoder_layers
-from .models.device import eval_mode, model_device
-from .models.errors import ModelError
-from .student import layer_map, validate_layer_map
+from .maps import layer_map, validate_layer_map
 
 OBJECTIVES = ("kl", "ce")
 
