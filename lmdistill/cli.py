@@ -21,8 +21,14 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from .config import LAYER_STRATEGIES, SEARCH_OBJECTIVES, ConfigError, ModelConfig
 from .errors import LmdistillError
+
+if TYPE_CHECKING:
+    import numpy as np
+    from transformers import PreTrainedTokenizerBase
 
 # cache-teacher's tail samples per position and temperature. On the demo recipe (top-64, T=2)
 # 256 kept the validation perplexity within 3% of the live teacher's at every evaluation and 64
@@ -132,8 +138,8 @@ def cmd_init_student(args: argparse.Namespace) -> int:
     from .models.arch import config_num_layers, count_parameters, decoder_layers
     from .models.load import load_model, load_tokenizer, model_config
     from .models.save import save_model
-    from .student.build import build_student
-    from .student.maps import DATA_STRATEGIES, check_layer_request, resolve_layer_map, resolve_strategy
+    from .student.cut import CALIBRATION_BLOCK_SIZE, cut_student
+    from .student.maps import check_layer_request, resolve_strategy
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -141,42 +147,50 @@ def cmd_init_student(args: argparse.Namespace) -> int:
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {out} already exists and is not empty; choose another --out or delete it first")
     _check_writable(out, "--out")
-    teacher_config = model_config(args.teacher)
-    num_teacher = config_num_layers(teacher_config)
-    args.strategy = resolve_strategy(args.strategy, teacher_config)
-    check_layer_request(num_teacher, args.layers, args.num_layers, args.strategy)  # before loading weights
-    tokenizer = load_tokenizer(args.teacher)
-    teacher = load_model(args.teacher)
-    choice = None
-    if args.strategy in DATA_STRATEGIES and args.layers is None:
-        choice = _choose_layers(teacher, tokenizer, args)
-        layers = choice.layers
-    else:
-        layers = resolve_layer_map(num_teacher, args.layers, args.num_layers, args.strategy)
-    student = build_student(teacher, layers, random_init=args.random_init, seed=args.seed)
-    if choice is not None:
-        student.config.lmdistill_layer_choice = choice.to_dict()  # kept in the student's config.json
-    save_model(student, tokenizer, out)
-    t_params, s_params = count_parameters(teacher), count_parameters(student)
-    init = "random weights" if args.random_init else f"teacher layers {layers}"
+    model = ModelConfig(**{name: getattr(args, name) for name in _INIT_STUDENT_FIELDS})
+    teacher_config = model_config(model.teacher)
+    check_layer_request(config_num_layers(teacher_config), model.layers, model.num_layers,
+                        resolve_strategy(model.strategy, teacher_config))  # before loading weights
+    tokenizer = load_tokenizer(model.teacher)
+    teacher = load_model(model.teacher)
+    cut = cut_student(teacher, model, lambda: _calibration(tokenizer, args.calibration, model.calibration_tokens),
+                      block_size=CALIBRATION_BLOCK_SIZE, seed=args.seed, log=print)
+    save_model(cut.student, tokenizer, out)
+    t_params, s_params = count_parameters(teacher), count_parameters(cut.student)
+    init = "random weights" if model.random_init else f"teacher layers {cut.layers}"
     print(f"teacher: {len(decoder_layers(teacher))} layers, {t_params / 1e6:.1f}M parameters")
-    print(f"student: {len(layers)} layers, {s_params / 1e6:.1f}M parameters ({s_params / t_params:.0%}), {init}")
-    if choice is not None:
+    print(f"student: {len(cut.layers)} layers, {s_params / 1e6:.1f}M parameters ({s_params / t_params:.0%}), {init}")
+    if cut.choice is not None:
         print(f"how the layers were chosen (every step and score): lmdistill_layer_choice in {out / 'config.json'}")
     print(f"wrote {out}")
     return 0
 
 
-def _choose_layers(teacher, tokenizer, args: argparse.Namespace):
+def _calibration(tokenizer: PreTrainedTokenizerBase, source: str, max_tokens: int) -> np.ndarray:
+    """The first ``max_tokens`` tokens of ``source``'s train split, for a strategy that measures the teacher."""
     from .data.prepare import calibration_tokens
-    from .models.arch import decoder_layers
-    from .student.maps import student_depth
-    from .student.search import choose_layers
 
-    tokens = calibration_tokens(tokenizer, args.calibration, args.calibration_tokens)
-    print(f"calibration: {min(len(tokens), args.calibration_tokens):,} tokens of {args.calibration} (train split)")
-    depth = student_depth(len(decoder_layers(teacher)), args.num_layers)
-    return choose_layers(teacher, tokens, depth, args.strategy, args.calibration_tokens, args.search_objective)
+    tokens = calibration_tokens(tokenizer, source, max_tokens)
+    print(f"calibration: {min(len(tokens), max_tokens):,} tokens of {source} (train split)")
+    return tokens
+
+
+# init-student's options that set the fields of the same names in a recipe's model section: their
+# defaults, choices and checks are ModelConfig's.
+_INIT_STUDENT_FIELDS = ("teacher", "layers", "num_layers", "strategy", "calibration_tokens", "search_objective",
+                        "random_init")
+
+
+def _model_field(name: str, parse: Callable[[str], Any] = str) -> Callable[[str], Any]:
+    """The argparse type of the option that sets ModelConfig field ``name``: ``parse`` reads the
+    text, ModelConfig converts and checks the value, and argparse names the option in an error."""
+    def read(text: str) -> Any:
+        try:
+            return ModelConfig.read_field(name, parse(text))
+        except ConfigError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return read
 
 
 def _parse_temperatures(text: str) -> list[float]:
@@ -402,21 +416,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for the shards")
     p.set_defaults(parser=p, func=cmd_prepare)
 
-    p = sub.add_parser("init-student", help="cut a student from a teacher")
-    p.add_argument("--teacher", required=True, help="teacher MODEL")
+    model = ModelConfig()
+    p = sub.add_parser("init-student", help="cut a student from a teacher",
+                       description="Cut a student from a teacher, as distill does. --teacher, --layers, --num-layers, "
+                                   "--strategy, --calibration-tokens, --search-objective and --random-init set the "
+                                   "model.* fields of the same names in a distill recipe, with their defaults and "
+                                   "checks; distill calibrates on its training data instead of --calibration.")
+    p.add_argument("--teacher", required=True, type=_model_field("teacher"), help="teacher MODEL")
     group = p.add_mutually_exclusive_group()
-    group.add_argument("--layers", type=_parse_layers, help="teacher layers to keep, e.g. 0,2,4,7,9,11")
-    group.add_argument("--num-layers", type=_int_at_least(1), help="student depth (default: half the teacher's)")
-    p.add_argument("--strategy", default=None, choices=["every-other", "uniform", "first", "importance", "search"],
+    group.add_argument("--layers", type=_model_field("layers", _parse_layers), default=model.layers,
+                       help="teacher layers to keep, e.g. 0,2,4,7,9,11")
+    group.add_argument("--num-layers", type=_model_field("num_layers"), default=model.num_layers,
+                       help="student depth (default: half the teacher's)")
+    p.add_argument("--strategy", type=_model_field("strategy"), default=model.strategy, choices=LAYER_STRATEGIES,
                    help="layer map for --num-layers: importance keeps the layers of largest block influence, search "
-                        "removes one at a time the layer that costs least (default: importance for Llama-family "
-                        "teachers, every-other otherwise)")
+                        "removes one at a time the layer that costs least, auto is importance for Llama-family "
+                        f"teachers and every-other otherwise (default: {model.strategy})")
     p.add_argument("--calibration", default="corpus:all", help="for importance and search: text source (train split)")
-    p.add_argument("--calibration-tokens", type=_int_at_least(8), default=2048,
-                   help="for importance and search: tokens measured (search costs about n^2/2 forward passes over them)")
-    p.add_argument("--search-objective", default="kl", choices=["kl", "ce"],
-                   help="for search: keep KL to the teacher (kl) or calibration cross-entropy (ce) lowest")
-    p.add_argument("--random-init", action="store_true", help="random weights with the cut architecture")
+    p.add_argument("--calibration-tokens", type=_model_field("calibration_tokens"), default=model.calibration_tokens,
+                   help="for importance and search: tokens measured (search costs about n^2/2 forward passes over "
+                        f"them; default {model.calibration_tokens})")
+    p.add_argument("--search-objective", type=_model_field("search_objective"), default=model.search_objective,
+                   choices=SEARCH_OBJECTIVES,
+                   help="for search: keep KL to the teacher (kl) or calibration cross-entropy (ce) lowest "
+                        f"(default: {model.search_objective})")
+    p.add_argument("--random-init", action="store_true", default=model.random_init,
+                   help="random weights with the cut architecture")
     p.add_argument("--seed", type=_int_at_least(0), default=0)
     p.add_argument("--out", required=True, help="output HF folder")
     p.set_defaults(parser=p, func=cmd_init_student)

@@ -68,6 +68,15 @@ TEMPERATURE_MIN = 2.0**-63
 TEMPERATURE_MAX = 100.0
 
 
+# How a student's layers are chosen (model.strategy; lmdistill/student/ implements them). Static
+# strategies need only the two depths; data strategies measure the teacher on calibration tokens;
+# auto picks one for the teacher's family.
+STATIC_STRATEGIES = ("every-other", "uniform", "first")
+DATA_STRATEGIES = ("importance", "search")
+LAYER_STRATEGIES = ("auto", *STATIC_STRATEGIES, *DATA_STRATEGIES)
+SEARCH_OBJECTIVES = ("kl", "ce")
+
+
 @dataclass
 class ModelConfig:
     teacher: str = "gpt2"
@@ -90,16 +99,24 @@ class ModelConfig:
     """Folder of stored teacher soft targets (lmdistill cache-teacher): the KL term reads them instead of running the teacher, whose weights then load only to cut a new student. Needs loss.divergence=forward_kl, loss.kl > 0, loss.cos/mse/align_cos/align_mse = 0, and the cache's block size, data, tokenizer and a temperature it holds."""
 
     def __post_init__(self) -> None:
-        strategies = ("auto", "every-other", "uniform", "first", "importance", "search")
-        _check(self.strategy in strategies, "model.strategy", f"{self.strategy!r} is not one of {', '.join(strategies)}")
+        _check(self.strategy in LAYER_STRATEGIES, "model.strategy",
+               f"{self.strategy!r} is not one of {', '.join(LAYER_STRATEGIES)}")
         _check(self.calibration_tokens >= 8, "model.calibration_tokens", f"{self.calibration_tokens} must be at least 8")
-        _check(self.search_objective in ("kl", "ce"), "model.search_objective",
-               f"{self.search_objective!r} is not one of kl, ce")
+        _check(self.search_objective in SEARCH_OBJECTIVES, "model.search_objective",
+               f"{self.search_objective!r} is not one of {', '.join(SEARCH_OBJECTIVES)}")
         if self.layers is not None:
             _check(len(self.layers) > 0, "model.layers", "must list at least one teacher layer")
             _check(all(isinstance(i, int) and i >= 0 for i in self.layers), "model.layers", "must be non-negative integers")
         if self.num_layers is not None:
-            _check(self.num_layers >= 1, "model.num_layers", "must be at least 1")
+            _check(self.num_layers >= 1, "model.num_layers", f"{self.num_layers} must be at least 1")
+
+    @classmethod
+    def read_field(cls, name: str, value: Any) -> Any:
+        """``value`` (command-line text, or a list of them) as field ``name``, converted and checked
+        as in a recipe's model section; ``init-student``'s options are these fields."""
+        value = _coerce(value, get_type_hints(cls)[name], f"model.{name}")
+        cls(**{name: value})  # the section's checks; none of them depends on another field
+        return value
 
 
 @dataclass

@@ -126,6 +126,35 @@ def test_init_student_bad_layers_syntax(capsys, ws, tmp_path):
     assert_clean_error(rc, err, "init-student", "argument --layers", "comma-separated", "'0,x'")
 
 
+@pytest.mark.parametrize("flag, value, needles", [
+    ("--num-layers", "0", ["0 must be at least 1"]),
+    ("--calibration-tokens", "4", ["4 must be at least 8"]),
+    ("--calibration-tokens", "many", ["cannot read 'many' as int", "whole number"]),
+    ("--strategy", "random", ["'random' is not one of auto, every-other, uniform, first, importance, search"]),
+    ("--search-objective", "loss", ["'loss' is not one of kl, ce"]),
+    ("--layers", "", ["at least one teacher layer"]),
+])
+def test_init_student_options_are_checked_as_the_model_section(capsys, tmp_path, flag, value, needles):
+    rc, out, err = run_cli(capsys, "init-student", "--teacher", "t", flag, value, "--out", tmp_path / "s")
+    field = "model." + flag.removeprefix("--").replace("-", "_")
+    assert_clean_error(rc, err, "init-student", f"argument {flag}: config value {field}:", *needles)
+    assert not (tmp_path / "s").exists()
+
+
+def test_init_student_defaults_are_the_model_sections():
+    from dataclasses import asdict
+
+    from lmdistill.cli import build_parser, parse_arguments
+    from lmdistill.config import ModelConfig
+
+    args = vars(parse_arguments(build_parser(), ["init-student", "--teacher", "t", "--out", "s"]))
+    defaults = asdict(ModelConfig(teacher="t"))
+    shared = set(defaults) & set(args)
+    # Every model field an init-student run uses is an option (student and teacher_cache are distill's).
+    assert shared == set(defaults) - {"student", "teacher_cache"}
+    assert {name: args[name] for name in shared} == {name: defaults[name] for name in shared}
+
+
 def test_init_student_writes_hf_folder(capsys, ws, tmp_path):
     out_dir = tmp_path / "student"
     rc, out, err = run_cli(capsys, "init-student", "--teacher", ws["teacher"], "--layers", "0,3", "--out", out_dir)

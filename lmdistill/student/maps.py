@@ -1,20 +1,16 @@
 """Layer maps: which teacher layers a student keeps, from the two depths and a strategy.
 
-The static strategies (``every-other``, ``uniform``, ``first``) are computed here from the
-depths alone; the data ones (``importance``, ``search``) measure the teacher on calibration
-tokens (:func:`lmdistill.student.search.choose_layers`); ``auto`` picks one for the teacher's
-family.
+The strategies are listed once, in :mod:`lmdistill.config` (``model.strategy``). The static
+ones (``every-other``, ``uniform``, ``first``) are computed here from the depths alone; the
+data ones (``importance``, ``search``) measure the teacher on calibration tokens
+(:func:`lmdistill.student.cut.choose_layers`); ``auto`` picks one for the teacher's family.
 """
 
 from __future__ import annotations
 
+from ..config import DATA_STRATEGIES, STATIC_STRATEGIES
 from ..models.arch import ARCHITECTURES
 from ..models.errors import ModelError
-
-STATIC_STRATEGIES = ("every-other", "uniform", "first")
-# Strategies that need the teacher and calibration data, not just layer counts
-# (lmdistill.student.search.choose_layers runs them).
-DATA_STRATEGIES = ("importance", "search")
 
 # DistilGPT2 kept these layers of GPT-2's 12 (HF transformers-research-projects/distillation).
 DISTILGPT2_MAP = [0, 2, 4, 7, 9, 11]

@@ -22,13 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from ..config import SEARCH_OBJECTIVES
 from ..models.arch import architecture_of, decoder_layers
 from ..models.device import eval_mode, model_device
 from ..models.errors import ModelError
-from .importance import block_influence, calibration_blocks, most_influential
-from .maps import layer_map, validate_layer_map
-
-OBJECTIVES = ("kl", "ce")
+from .importance import calibration_blocks
+from .maps import validate_layer_map
 
 
 @contextlib.contextmanager
@@ -219,8 +218,8 @@ def greedy_search(model: PreTrainedModel, calibration: Calibration, keep: int, o
     model or calibration ``ce``); ties go to the lower layer. ``on_step`` sees each step as
     it is made (for printing progress).
     """
-    if objective not in OBJECTIVES:
-        raise ModelError(f"unknown search objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
+    if objective not in SEARCH_OBJECTIVES:
+        raise ModelError(f"unknown search objective {objective!r}; choose one of {', '.join(SEARCH_OBJECTIVES)}")
     num_layers = len(decoder_layers(model))
     if not 1 <= keep <= num_layers:
         raise ModelError(f"cannot keep {keep} of {num_layers} layers; choose between 1 and {num_layers}")
@@ -251,63 +250,3 @@ def format_cut_table(rows: dict[str, CutScore], tokens: int) -> str:
         kl = f"{score.kl:.4f}" if score.kl is not None else "-"
         lines.append(f"| {name} | {','.join(map(str, score.layers))} | {score.perplexity:,.2f} | {score.ce:.4f} | {kl} |")
     return "\n".join(lines)
-
-
-# --------------------------------------------------------------------------- choosing a cut
-
-DEFAULT_CALIBRATION_TOKENS = 2048
-
-
-@dataclass
-class LayerChoice:
-    """How a data-driven strategy chose a student's layers, kept with the student."""
-
-    strategy: str
-    layers: list[int]
-    calibration_tokens: int
-    cuts: dict[str, CutScore]
-    """The chosen cut beside the every-other and uniform cuts of the same depth."""
-    influence: list[float] | None = None
-    search: SearchResult | None = None
-
-    def to_dict(self) -> dict:
-        return {"strategy": self.strategy, "layers": self.layers, "calibration_tokens": self.calibration_tokens,
-                "cuts": {name: score.to_dict() for name, score in self.cuts.items()},
-                "influence": self.influence, "search": self.search.to_dict() if self.search else None}
-
-
-def choose_layers(teacher: PreTrainedModel, tokens: np.ndarray, num_layers: int, strategy: str,
-                  calibration_tokens: int = DEFAULT_CALIBRATION_TOKENS, objective: str = "kl",
-                  block_size: int = 256, log: Callable[[str], None] = print) -> LayerChoice:
-    """Pick ``num_layers`` teacher layers by ``importance`` or ``search`` on calibration tokens.
-
-    Prints what it measures (block influence, or each search step) and a table of the chosen
-    cut beside the every-other and uniform cuts, all scored on the same calibration tokens.
-    """
-    num_teacher = len(decoder_layers(teacher))
-    layer_map(num_teacher, num_layers, "first")  # range check before any forward pass
-    calibration = make_calibration(teacher, tokens, block_size=block_size, max_tokens=calibration_tokens)
-    influence, search = None, None
-    if strategy == "importance":
-        influence = block_influence(teacher, tokens, block_size=calibration.blocks.shape[1],
-                                    max_tokens=calibration_tokens)
-        log("block influence per teacher layer (1 - cos(input, output)): "
-            + ", ".join(f"{i}: {x:.3f}" for i, x in enumerate(influence)))
-        layers = most_influential(influence, num_layers)
-    elif strategy == "search":
-        log(f"greedy layer search ({objective}): {num_teacher} -> {num_layers} layers, "
-            f"{num_teacher - num_layers} steps on {calibration.tokens_scored:,} calibration tokens")
-
-        def report(step: SearchStep) -> None:
-            log(f"  removed layer {step.removed:>3}: {len(step.score.layers)} left, calibration ppl "
-                f"{step.score.perplexity:,.2f}, KL to teacher {step.score.kl:.4f}")
-
-        search = greedy_search(teacher, calibration, num_layers, objective, on_step=report)
-        layers = search.layers
-    else:
-        raise ValueError(f"strategy {strategy!r} does not choose layers from data; use importance or search")
-    cuts = {name: score_cut(teacher, calibration, layer_map(num_teacher, num_layers, name))
-            for name in ("every-other", "uniform")}
-    cuts[strategy] = search.steps[-1].score if search and search.steps else score_cut(teacher, calibration, layers)
-    log(format_cut_table(cuts, calibration.tokens_scored))
-    return LayerChoice(strategy, layers, calibration.tokens_scored + calibration.blocks.shape[0], cuts, influence, search)

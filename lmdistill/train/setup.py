@@ -28,9 +28,8 @@ from ..models.arch import architecture_of, decoder_layers
 from ..models.device import resolve_device
 from ..models.fingerprint import model_fingerprint
 from ..models.load import load_model
-from ..student.build import build_student, check_shared_vocabulary, student_layer_map
-from ..student.maps import DATA_STRATEGIES, resolve_layer_map, resolve_strategy, student_depth
-from ..student.search import choose_layers
+from ..student.build import check_shared_vocabulary, student_layer_map
+from ..student.cut import CALIBRATION_BLOCK_SIZE, cut_student
 from ..teacher_cache.format import data_fingerprint
 from ..teacher_cache.reader import TeacherCache
 from .plan import RunPlan, aligned_layers, plan_run
@@ -144,22 +143,11 @@ def load_models(plan: RunPlan, data: PreparedData, student_init: Path | None,
 def make_student(config: RunConfig, teacher: PreTrainedModel, train_tokens: np.ndarray) -> PreTrainedModel:
     if config.model.student is not None:
         return load_model(config.model.student)
-    m = config.model
-    num_teacher = len(decoder_layers(teacher))
-    strategy = resolve_strategy(m.strategy, teacher.config)
-    choice = None
-    if strategy in DATA_STRATEGIES and m.layers is None:
-        choice = choose_layers(teacher, train_tokens, student_depth(num_teacher, m.num_layers), strategy,
-                               m.calibration_tokens, m.search_objective, block_size=min(config.data.block_size, 256),
-                               log=lambda line: print(f"[lmdistill] {line}"))
-        layers = choice.layers
-    else:
-        layers = resolve_layer_map(num_teacher, m.layers, m.num_layers, strategy)
-    print(f"[lmdistill] student keeps teacher layers {layers}" + ("" if m.layers else f" ({strategy})"))
-    student = build_student(teacher, layers, random_init=m.random_init, seed=config.train.seed)
-    if choice is not None:
-        student.config.lmdistill_layer_choice = choice.to_dict()  # saved in config.json with the student
-    return student
+    cut = cut_student(teacher, config.model, lambda: train_tokens,
+                      block_size=min(config.data.block_size, CALIBRATION_BLOCK_SIZE), seed=config.train.seed,
+                      log=lambda line: print(f"[lmdistill] {line}"))
+    print(f"[lmdistill] student keeps teacher layers {cut.layers}" + ("" if config.model.layers else f" ({cut.strategy})"))
+    return cut.student
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
