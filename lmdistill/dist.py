@@ -29,7 +29,7 @@ import torch
 import torch.distributed as torch_dist
 from torch import nn
 
-from .config import DISTRIBUTED as STRATEGIES, TEACHER_SHARDING  # noqa: F401 (re-exported)
+from .config import DISTRIBUTED as STRATEGIES
 from .errors import DistributedError
 
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")

@@ -508,7 +508,7 @@ def test_debug_shows_the_traceback(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("bug", [RuntimeError("a bug"), ValueError("a bug"), OSError("no path named")])
 def test_unexpected_errors_keep_their_traceback(monkeypatch, tmp_path, bug):
-    import lmdistill.cli as cli
+    import lmdistill.cli.parser as cli  # where each sub-parser binds its command function
 
     def broken(args):
         raise bug
@@ -519,7 +519,7 @@ def test_unexpected_errors_keep_their_traceback(monkeypatch, tmp_path, bug):
 
 
 def test_os_error_on_a_path_is_one_line(capsys, monkeypatch, tmp_path):
-    import lmdistill.cli as cli
+    import lmdistill.cli.parser as cli  # where each sub-parser binds its command function
 
     def denied(args):
         raise PermissionError(13, "Permission denied", str(tmp_path / "locked.json"))
