@@ -1,4 +1,4 @@
-"""Peak memory and time of the KL + CE logit losses: unchunked vs lmdistill.chunked_loss.
+"""Peak memory and time of the KL + CE logit losses: unchunked vs lmdistill.loss.fused.
 
 Run from the repository root:
 
@@ -15,9 +15,9 @@ grad), labels (random ids). Losses use the DistilGPT2 recipe's weights (KL 5, CE
 ``reduction="sum"`` and ``(total / tokens).backward()``, as ``lmdistill.train.step.train_step``.
 
 - ``unchunked``: ``F.linear`` gives the full student logits (with grad) and, under
-  ``no_grad``, the full teacher logits; ``lmdistill.losses.kl_divergence`` and
+  ``no_grad``, the full teacher logits; ``lmdistill.loss.terms.kl_divergence`` and
   ``causal_lm_loss`` on them; backward.
-- ``chunked-N``: ``lmdistill.chunked_loss.chunked_logit_losses`` with ``chunk_tokens=N``;
+- ``chunked-N``: ``lmdistill.loss.fused.chunked_logit_losses`` with ``chunk_tokens=N``;
   backward.
 
 Both leave the gradients of the student's hidden states and head weight allocated at the end,
@@ -107,8 +107,8 @@ def make_inputs(args, device: torch.device):
 
 
 def step(variant: str, x: dict, tokens: int) -> dict:
-    from lmdistill.chunked_loss import chunked_logit_losses
-    from lmdistill.losses import causal_lm_loss, kl_divergence
+    from lmdistill.loss.fused import chunked_logit_losses
+    from lmdistill.loss.terms import causal_lm_loss, kl_divergence
 
     x["hs"].grad = x["w"].grad = None
     if variant == "unchunked":
@@ -195,7 +195,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32",
                    help="dtype of hidden states and head weights")
     p.add_argument("--chunk-tokens", type=int, nargs="+", default=None,
-                   help="chunk sizes to compare (default: lmdistill.chunked_loss.DEFAULT_CHUNK_TOKENS)")
+                   help="chunk sizes to compare (default: lmdistill.loss.fused.DEFAULT_CHUNK_TOKENS)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=2, help="steps per process; the first is a warm-up")
     p.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
         print(json.dumps(run_child(args)))
         return 0
 
-    from lmdistill.chunked_loss import DEFAULT_CHUNK_TOKENS
+    from lmdistill.loss.fused import DEFAULT_CHUNK_TOKENS
 
     chunks = args.chunk_tokens or [DEFAULT_CHUNK_TOKENS]
     variants = ["unchunked"] + [f"chunked-{c}" for c in chunks]

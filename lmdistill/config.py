@@ -56,7 +56,7 @@ def _float32(value: float) -> float:
 
 
 # loss.temperature's bounds. The KL term is T^2 * KL(softmax(z_t/T) || softmax(z_s/T)), computed
-# in float32 (losses.py, chunked_loss.py).
+# in float32 (loss/terms.py, loss/fused.py).
 # - Lower: below 2^-63 (about 1.1e-19) T^2 falls under float32's smallest normal number and the
 #   term and its gradient round to 0 (T=1e-30 trains with a KL of exactly 0).
 # - Upper: the KL of two distributions softened by T is about Var(z_t - z_s) / (2 T^2), while the
@@ -191,8 +191,8 @@ class LossConfig:
                f"loss.kl * loss.temperature^2 = {self.kl * self.temperature**2:g} overflows float32; lower loss.kl")
 
     def divergence_spec(self):
-        """The logit divergence as a callable :class:`lmdistill.divergences.DivergenceSpec`."""
-        from .divergences import DivergenceSpec
+        """The logit divergence as a callable :class:`lmdistill.loss.divergences.DivergenceSpec`."""
+        from .loss.divergences import DivergenceSpec
 
         return DivergenceSpec(self.divergence, beta=self.jsd_beta, alpha=self.skew_alpha)
 

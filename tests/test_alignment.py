@@ -7,7 +7,7 @@ import torch
 
 from lmdistill.train.rundir import read_metrics
 from lmdistill.config import ConfigError
-from lmdistill.losses import LossWeights, distillation_loss, layer_alignment_loss
+from lmdistill.loss.terms import LossWeights, distillation_loss, layer_alignment_loss
 from lmdistill.student.build import build_student
 from lmdistill.train.plan import aligned_layers
 from lmdistill.train.run import run_training

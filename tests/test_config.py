@@ -274,7 +274,7 @@ def test_temperature_bounds_match_float32_kl():
     with float64; beyond them it is exactly 0 (T^2 underflows) or rounding noise."""
     import torch
 
-    from lmdistill.losses import kl_divergence
+    from lmdistill.loss.terms import kl_divergence
 
     gen = torch.Generator().manual_seed(0)
     student = torch.randn(2, 4, 50257, generator=gen, dtype=torch.float64) * 3  # GPT-2-sized vocabulary

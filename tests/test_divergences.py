@@ -1,4 +1,4 @@
-"""lmdistill.divergences against plain float64 references over probabilities.
+"""lmdistill.loss.divergences against plain float64 references over probabilities.
 
 The references loop over counted positions and work in probability space (softmax, then
 ``p * log(p / q)`` summed over the support of ``p`` for the 0 * log 0 = 0 convention, the
@@ -13,8 +13,8 @@ import math
 import pytest
 import torch
 
-from lmdistill import losses
-from lmdistill.divergences import (
+from lmdistill.loss import terms
+from lmdistill.loss.divergences import (
     DIVERGENCE_PARAMS,
     DIVERGENCES,
     DivergenceSpec,
@@ -224,7 +224,7 @@ def test_chunked_equals_unchunked(gen, case, monkeypatch):
     name, params = case
     s, t, m = _logits(gen), _logits(gen), _mask(gen)
     whole = value_and_grad(lambda x: divergence(name, x, t, m, 2.0, "mean", **params), s)
-    monkeypatch.setattr(losses, "_CHUNK_TOKENS", 3)  # 1 position per chunk at batch 2
+    monkeypatch.setattr(terms, "_CHUNK_TOKENS", 3)  # 1 position per chunk at batch 2
     chunked = value_and_grad(lambda x: divergence(name, x, t, m, 2.0, "mean", **params), s)
     # float64, the same per-position values summed in another grouping: ~1e-16 relative.
     torch.testing.assert_close(chunked[0], whole[0], rtol=1e-12, atol=1e-14)
@@ -367,7 +367,7 @@ def test_forward_kl_is_losses_kl_divergence(gen):
     s, t, m = _logits(gen, dtype=torch.float32), _logits(gen, dtype=torch.float32), _mask(gen)
     for T, reduction in ((1.0, "mean"), (2.0, "sum"), (0.5, "mean")):
         a = value_and_grad(lambda x: forward_kl(x, t, m, T, reduction), s)
-        b = value_and_grad(lambda x: losses.kl_divergence(x, t, m, T, reduction), s)
+        b = value_and_grad(lambda x: terms.kl_divergence(x, t, m, T, reduction), s)
         assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # one function: the same ops
 
 

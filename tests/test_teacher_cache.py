@@ -17,10 +17,10 @@ from lmdistill.cli import main
 from lmdistill.config import ConfigError, load_config
 from lmdistill.data.corpora import corpus_documents
 from lmdistill.data.prepare import prepare
-from lmdistill.losses import kl_divergence
+from lmdistill.loss.sparse import sparse_kl_divergence
+from lmdistill.loss.terms import kl_divergence
 from lmdistill.models.fingerprint import model_fingerprint, tokenizer_fingerprint
 from lmdistill.models.load import load_model
-from lmdistill.sparse_kl import sparse_kl_divergence
 from lmdistill.teacher_cache.build import build_teacher_cache
 from lmdistill.teacher_cache.format import CACHE_VERSION, HEADER_BYTES, TeacherCacheError, data_fingerprint, part_name
 from lmdistill.teacher_cache.reader import TeacherCache
@@ -432,7 +432,7 @@ def test_distill_with_a_full_vocabulary_cache_logs_the_live_kl(ws, full_vocab, t
     # Tail samples estimate the full KL; the bucket misses most of the tail.
     assert abs(s512["kl"] - live["kl"]) < 0.2 * abs(top8["kl"] - live["kl"]), (s512, top8, live)
     # (measured: live 7.458, top-8 bucket 2.514, top-8 + 512 samples 7.440; the gradients are
-    # compared in tests/test_sparse_kl.py, here the random student's CE dominates them.)
+    # compared in tests/test_sparse.py, here the random student's CE dominates them.)
 
 
 def test_distill_from_a_small_k_cache_trains_and_resumes(ws, tmp_path, monkeypatch):

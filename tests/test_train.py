@@ -184,7 +184,7 @@ def test_importance_strategy_keeps_the_most_influential_layers(workspace, tmp_pa
 def test_configured_divergence_is_the_logged_logit_term(workspace, tmp_path, name):
     from lmdistill.data.prepare import load_prepared
     from lmdistill.data.sampler import BlockSampler
-    from lmdistill.divergences import DivergenceSpec
+    from lmdistill.loss.divergences import DivergenceSpec
     from lmdistill.models.load import load_model
 
     config = make_config(workspace, max_steps=1, batch_size=2)

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..chunked_loss import chunked_logit_losses
-from ..losses import LossWeights, distillation_loss
-from ..sparse_kl import sparse_kl_divergence
+from .fused import chunked_logit_losses
+from .terms import LossWeights, distillation_loss
+from .sparse import sparse_kl_divergence
 from ..teacher_cache.reader import TeacherTargets
 
 

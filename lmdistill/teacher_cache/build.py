@@ -5,7 +5,7 @@ Tail samples. At ``T = 2`` a 49,152-token teacher puts most of its mass outside 
 nothing about how that mass is spread, so the gradient of the sparse KL points well away
 from the full KL's (cosine 0.72 on a real batch, benchmarks/tail_gradient.py). ``S`` ids drawn with replacement from the
 teacher's distribution at ``T`` restricted to the tail (the top-k ids excluded) make the
-tail part of the gradient unbiased (see :mod:`lmdistill.sparse_kl`). Each block draws from
+tail part of the gradient unbiased (see :mod:`lmdistill.loss.sparse`). Each block draws from
 its own generator, seeded by its block index and the temperature's position, so a cache's
 bytes do not depend on the batch size, the number of parts or a resumption.
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..sparse_kl import SparseTargets
+from ..loss.sparse import SparseTargets
 from .format import (
     HEADER_BYTES,
     PART_RE,
@@ -32,7 +32,7 @@ from .format import (
 )
 
 
-# A batch of stored targets at one temperature; the loss side's type (lmdistill.sparse_kl).
+# A batch of stored targets at one temperature; the loss side's type (lmdistill.loss.sparse).
 TeacherTargets = SparseTargets
 
 

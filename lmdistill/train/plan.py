@@ -16,8 +16,8 @@ from pathlib import Path
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from ..config import ConfigError, RunConfig, check_teacher_cache_settings
-from ..divergences import DivergenceSpec
-from ..losses import LossWeights
+from ..loss.divergences import DivergenceSpec
+from ..loss.terms import LossWeights
 from ..models.arch import config_context_length, config_num_layers
 from ..models.cache import cache_dir
 from ..models.fingerprint import config_fingerprint, tokenizer_fingerprint

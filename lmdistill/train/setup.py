@@ -23,7 +23,7 @@ from .. import dist
 from ..config import ConfigError, RunConfig
 from ..data.prepare import PreparedData, prepare
 from ..loss.objective import StudentObjective
-from ..losses import LossWeights
+from ..loss.terms import LossWeights
 from ..models.arch import architecture_of, decoder_layers
 from ..models.device import resolve_device
 from ..models.fingerprint import model_fingerprint

@@ -26,7 +26,7 @@ from .. import dist
 from ..data.sampler import BlockSampler
 from ..evaluate.perplexity import PerplexityProtocol, perplexity
 from ..loss.objective import forward_model
-from ..losses import LossOutput
+from ..loss.terms import LossOutput
 from ..teacher_cache.reader import TeacherTargets
 from .health import check_finite_step
 from .setup import Setup

@@ -1,5 +1,5 @@
-"""lmdistill.chunked_loss against the unchunked path: logits = hidden @ W.T (+ b), then
-lmdistill.losses.kl_divergence / causal_lm_loss, values and gradients, in float64."""
+"""lmdistill.loss.fused against the unchunked path: logits = hidden @ W.T (+ b), then
+lmdistill.loss.terms.kl_divergence / causal_lm_loss, values and gradients, in float64."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from lmdistill.chunked_loss import chunked_logit_losses
-from lmdistill.losses import LossOutput, causal_lm_loss, kl_divergence
+from lmdistill.loss.fused import chunked_logit_losses
+from lmdistill.loss.terms import LossOutput, causal_lm_loss, kl_divergence
 
 B, S, D, DT, V = 2, 7, 16, 12, 50  # 14 positions; teacher narrower than the student
 
@@ -43,7 +43,7 @@ def student_params(x):
 
 
 def reference(x, labels, mask, kw, cw, temperature, reduction):
-    """Unchunked: full logits, then the losses of lmdistill.losses; returns (total, terms)."""
+    """Unchunked: full logits, then the losses of lmdistill.loss.terms; returns (total, terms)."""
     s = x["hs"] @ x["w"].T
     if x["b"] is not None:
         s = s + x["b"]

@@ -18,7 +18,7 @@ its logits at ``T``, gathered) and ``q_tail`` on everything else, computed stabl
 This is the exact KL between the two distributions coarsened to k + 1 outcomes, a lower
 bound on the full KL that equals it when the teacher's tail is empty. With ``k`` equal to
 the vocabulary there is no tail bucket and the value is the full forward KL (equal to
-:func:`lmdistill.losses.kl_divergence` up to the rounding of the stored values). Stored
+:func:`lmdistill.loss.terms.kl_divergence` up to the rounding of the stored values). Stored
 16-bit values make ``sum_i p_i`` off by rounding, so ``p_tail`` is clamped at 0.
 
 Tail samples. When the teacher's top-k holds little of its mass (at ``T = 2`` the top 64 of
@@ -35,7 +35,7 @@ unbiased in value and in gradient: ``p~_j = p_tail * count_j / S`` has expectati
 per-position value is an estimate (it can come out below 0); the mean over a batch is close.
 
 Conventions (shapes, ``mask``, ``reduction``, float32 upcast one chunk at a time, teacher
-detached, ``* T**2``) are those of :mod:`lmdistill.losses`.
+detached, ``* T**2``) are those of :mod:`lmdistill.loss.terms`.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor
 
-from .losses import _as_mask, _check_3d, _check_reduction, _compute_dtype, _per_position, _reduce
+from .terms import _as_mask, _check_3d, _check_reduction, _compute_dtype, _per_position, _reduce
 
 __all__ = ["SparseKLTerms", "SparseTargets", "check_sparse_targets", "sparse_kl_divergence", "sparse_kl_terms"]
 
@@ -179,7 +179,7 @@ def sparse_kl_terms(z: Tensor, lse_z: Tensor | None, values: Tensor, ids: Tensor
                     tail_ids: Tensor | None = None, tail_values: Tensor | None = None,
                     scratch: Tensor | None = None) -> SparseKLTerms:
     """The sparse KL of each position (the module docstring's formulas, one place for both the
-    autograd path here and the fused path of :mod:`lmdistill.chunked_loss`).
+    autograd path here and the fused path of :mod:`lmdistill.loss.fused`).
 
     ``z``: the student's logits divided by ``T`` (``(..., vocab)``, the compute dtype) and
     ``lse_z`` their ``logsumexp`` (None when ``z`` is already a log-softmax). ``values``,

@@ -1,6 +1,6 @@
 """Divergences between teacher and student next-token distributions, behind one API.
 
-Every function here follows the conventions of :mod:`lmdistill.losses` (and reuses its
+Every function here follows the conventions of :mod:`lmdistill.loss.terms` (and reuses its
 helpers): logits ``(batch, seq, vocab)`` with labels already shifted, ``mask`` bool or 0/1
 ``(batch, seq)`` (None = all positions count), ``reduction`` ``"mean"`` over counted
 positions or ``"sum"``, upcast to float32 (float64 stays float64) one seq-chunk at a time,
@@ -39,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .losses import (
+from .terms import (
     _as_mask,
     _check_reduction,
     _check_same_shape,
@@ -173,7 +173,7 @@ def forward_kl(
 ) -> Tensor:
     """Forward KL(p_t || p_s) * T**2: mode-covering; the classic distillation loss.
 
-    This *is* :func:`lmdistill.losses.kl_divergence` (same code, same values).
+    This *is* :func:`lmdistill.loss.terms.kl_divergence` (same code, same values).
 
     Args:
         student_logits: ``(batch, seq, vocab)``, any float dtype.

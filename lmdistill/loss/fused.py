@@ -1,7 +1,7 @@
 """Fused, chunked KL + cross-entropy from last hidden states and lm_head weights.
 
-The logit terms of :mod:`lmdistill.losses` (:func:`~lmdistill.losses.kl_divergence` and
-:func:`~lmdistill.losses.causal_lm_loss`) take ``(batch, seq, vocab)`` logits. At GPT-2 size
+The logit terms of :mod:`lmdistill.loss.terms` (:func:`~lmdistill.loss.terms.kl_divergence` and
+:func:`~lmdistill.loss.terms.causal_lm_loss`) take ``(batch, seq, vocab)`` logits. At GPT-2 size
 (batch 8, seq 1024, vocab 50,257) one float32 logits tensor is 1.65 GB, and a naive step holds
 several: student and teacher logits, their log-softmaxes saved for backward, the gradient of
 the logits. :func:`chunked_logit_losses` computes the same two terms without ever building a
@@ -13,10 +13,10 @@ the chunk's gradient with respect to the student's hidden states, lm_head weight
 Only those gradients (``batch*seq x dim`` and ``vocab x dim``, both small) outlive the chunk.
 The teacher side is either its last hidden states and lm_head (live distillation) or stored
 sparse targets (``teacher_targets``, a teacher cache's top-k logits with the tail as a bucket
-or as samples): the KL is then :func:`lmdistill.sparse_kl.sparse_kl_divergence`, and its
+or as samples): the KL is then :func:`lmdistill.loss.sparse.sparse_kl_divergence`, and its
 gradient ``T * (softmax(s/T) * mass - p~)`` is formed the same way (see ``_SparseChunk``).
 
-Conventions are those of :mod:`lmdistill.losses`: labels already shifted, ``mask`` bool or 0/1
+Conventions are those of :mod:`lmdistill.loss.terms`: labels already shifted, ``mask`` bool or 0/1
 ``(batch, seq)``, ``reduction`` ``"mean"`` over counted positions (KL counts masked-in
 positions, CE also skips ``labels == ignore_index``) or ``"sum"``, KL is forward
 KL(teacher || student) on logits / T times ``T**2``, the teacher is detached, and each chunk is
@@ -53,8 +53,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lmdistill.losses import LossOutput, _as_mask, _check_reduction, _compute_dtype, _reduce
-from lmdistill.sparse_kl import SparseKLTerms, SparseTargets, check_sparse_targets, sparse_kl_terms
+from .terms import LossOutput, _as_mask, _check_reduction, _compute_dtype, _reduce
+from .sparse import SparseKLTerms, SparseTargets, check_sparse_targets, sparse_kl_terms
 
 __all__ = ["DEFAULT_CHUNK_TOKENS", "chunked_logit_losses"]
 
@@ -107,9 +107,9 @@ def chunked_logit_losses(
         student_head_bias, teacher_head_bias: optional ``(vocab,)`` lm_head biases.
         chunk_tokens: positions per chunk (>= 1).
         ignore_index: label value that CE skips.
-        teacher_targets: stored sparse teacher targets (:class:`~lmdistill.sparse_kl.SparseTargets`,
+        teacher_targets: stored sparse teacher targets (:class:`~lmdistill.loss.sparse.SparseTargets`,
             e.g. a teacher cache's) instead of ``teacher_hidden`` / ``teacher_head_weight``: the
-            KL term is then :func:`~lmdistill.sparse_kl.sparse_kl_divergence` against them (top-k
+            KL term is then :func:`~lmdistill.loss.sparse.sparse_kl_divergence` against them (top-k
             plus tail bucket, or plus tail samples), with the same fused gradient.
         matmul_dtype: dtype of the vocab-sized matmuls (student and teacher logits, and the
             two backward products). None (default) = the compute dtype (float32, or float64
@@ -119,7 +119,7 @@ def chunked_logit_losses(
             sum over chunks stay in float32.
 
     Returns:
-        :class:`~lmdistill.losses.LossOutput`: ``total`` (scalar, differentiable w.r.t. the
+        :class:`~lmdistill.loss.terms.LossOutput`: ``total`` (scalar, differentiable w.r.t. the
         student's hidden states, head weight and bias) and ``terms`` with ``"kl"`` and/or
         ``"ce"`` (those with weight > 0), unweighted and *detached*: log them, do not
         backpropagate through them. Values are float32 (float64 for float64 inputs).
@@ -476,7 +476,7 @@ class _SparseChunk:
 
 def _sparse_chunk(log_q: Tensor, values: Tensor, ids: Tensor, lse: Tensor, tail_ids: Tensor | None,
                   tail_values: Tensor | None, T: float, pool: _Pool, want_tail_weights: bool) -> _SparseChunk:
-    """The sparse KL of a chunk (:func:`lmdistill.sparse_kl.sparse_kl_terms`) from the student's
+    """The sparse KL of a chunk (:func:`lmdistill.loss.sparse.sparse_kl_terms`) from the student's
     log-softmax at ``T`` and the stored targets of its rows, with what its gradient needs."""
     bucket = tail_ids is None and ids.shape[1] < log_q.shape[1]
     terms = sparse_kl_terms(log_q, None, values, ids, lse, T, tail_ids, tail_values,

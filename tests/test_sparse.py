@@ -1,6 +1,6 @@
-"""The sparse KL against stored teacher targets with tail samples (lmdistill.sparse_kl), the
+"""The sparse KL against stored teacher targets with tail samples (lmdistill.loss.sparse), the
 tail sampler of the cache writer, and the fused chunked path against stored targets
-(lmdistill.chunked_loss with teacher_targets), each against plain float64 references."""
+(lmdistill.loss.fused with teacher_targets), each against plain float64 references."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from lmdistill.chunked_loss import chunked_logit_losses
-from lmdistill.losses import causal_lm_loss, kl_divergence
-from lmdistill.sparse_kl import SparseTargets, sparse_kl_divergence
+from lmdistill.loss.fused import chunked_logit_losses
+from lmdistill.loss.sparse import SparseTargets, sparse_kl_divergence
+from lmdistill.loss.terms import causal_lm_loss, kl_divergence
 from lmdistill.teacher_cache.build import sample_tail
 
 from .helpers import softmax64

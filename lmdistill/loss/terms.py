@@ -385,7 +385,7 @@ def distillation_loss(
         student_layers, teacher_layers: paired intermediate layer outputs (see
             :func:`layer_alignment_loss`); needed when align_cos or align_mse > 0.
         divergence: the logit term's function ``(student_logits, teacher_logits, mask,
-            temperature, reduction)``, e.g. a :class:`lmdistill.divergences.DivergenceSpec`;
+            temperature, reduction)``, e.g. a :class:`lmdistill.loss.divergences.DivergenceSpec`;
             None means :func:`kl_divergence`. Its value is logged as the ``kl`` term.
 
     Raises:

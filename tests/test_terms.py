@@ -1,4 +1,4 @@
-"""lmdistill.losses against plain float64 references written with explicit loops."""
+"""lmdistill.loss.terms against plain float64 references written with explicit loops."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmdistill import losses
-from lmdistill.losses import (
+from lmdistill.loss import terms
+from lmdistill.loss.terms import (
     LossOutput,
     LossWeights,
     causal_lm_loss,
@@ -386,7 +386,7 @@ def test_chunking_gives_same_values_and_grads(gen, monkeypatch):
         return out.detach(), a.grad, h.grad
 
     whole = run()
-    monkeypatch.setattr(losses, "_CHUNK_TOKENS", 4)  # 4 // batch 3 -> 1 position per chunk
+    monkeypatch.setattr(terms, "_CHUNK_TOKENS", 4)  # 4 // batch 3 -> 1 position per chunk
     chunked = run()
     # The same per-position float32 values, reduced in another grouping: a few roundings of the
     # sums (~1e-7 relative, measured: 4% of this bound).
@@ -395,9 +395,9 @@ def test_chunking_gives_same_values_and_grads(gen, monkeypatch):
 
 
 def test_chunks_are_seq_slices_over_the_whole_batch(gen, monkeypatch):
-    monkeypatch.setattr(losses, "_CHUNK_TOKENS", 6)  # batch 3 -> 2 positions per chunk
+    monkeypatch.setattr(terms, "_CHUNK_TOKENS", 6)  # batch 3 -> 2 positions per chunk
     seen = []
-    out = losses._per_position(lambda x: (seen.append(x.shape), x.sum(-1))[1], _logits(gen))
+    out = terms._per_position(lambda x: (seen.append(x.shape), x.sum(-1))[1], _logits(gen))
     assert out.shape == (B, S)
     assert seen == [(B, 2, V)] * 3
 
@@ -502,7 +502,7 @@ def test_zero_weight_terms_absent_and_not_computed(gen, monkeypatch):
         raise AssertionError("inactive term was computed")
 
     for name in ("kl_divergence", "cosine_loss", "mse_loss"):
-        monkeypatch.setattr(losses, name, boom)
+        monkeypatch.setattr(terms, name, boom)
     # CE only: teacher and hidden states may all be None
     out = distillation_loss(s, None, y, LossWeights(kl=0, ce=1, cos=0, mse=0))
     assert list(out.terms) == ["ce"]
