@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields, replace
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -68,13 +69,16 @@ class SparseTargets:
     tail_values: Tensor | None = None
     """``(batch, seq, S)`` logits of ``tail_indices``, same shift as ``values``."""
 
-    def detach(self) -> SparseTargets:
-        return replace(self, **{f.name: getattr(self, f.name).detach() for f in fields(self)
+    def map(self, fn: Callable[[Tensor], Tensor]) -> SparseTargets:
+        """The same targets with ``fn`` applied to each tensor (absent tail fields stay None)."""
+        return replace(self, **{f.name: fn(getattr(self, f.name)) for f in fields(self)
                                 if isinstance(getattr(self, f.name), Tensor)})
 
+    def detach(self) -> SparseTargets:
+        return self.map(Tensor.detach)
+
     def to(self, device: torch.device | str) -> SparseTargets:
-        return replace(self, **{f.name: getattr(self, f.name).to(device) for f in fields(self)
-                                if isinstance(getattr(self, f.name), Tensor)})
+        return self.map(lambda t: t.to(device))
 
 
 def check_sparse_targets(targets: SparseTargets, batch_seq: tuple[int, ...] | torch.Size, vocab: int) -> None:
