@@ -8,11 +8,12 @@ line as ``section.field=value`` (``train.max_steps=200``). Every value is checke
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import struct
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -160,15 +161,19 @@ class LossConfig:
     chunk_tokens: int = 1024
     """Positions per chunk of the fused lm_head + KL/CE (no batch x seq x vocab logits are built); 0 builds the full logits. Only forward_kl has the fused path; other divergences build full logits."""
 
-    _WEIGHTS = ("kl", "ce", "cos", "mse", "align_cos", "align_mse")
+    WEIGHTS: ClassVar[tuple[str, ...]] = ("kl", "ce", "cos", "mse", "align_cos", "align_mse")
+    """The weight fields, one per loss term (``kl`` weighs the logit term, whatever its divergence)."""
 
     def __post_init__(self) -> None:
-        for name in self._WEIGHTS:
+        for name in (*self.WEIGHTS, "temperature"):
+            value = getattr(self, name)
+            _check(isinstance(value, numbers.Real) and not isinstance(value, bool), f"loss.{name}",
+                   f"{value!r} is not a number; give a number such as 1.0")
+        for name in self.WEIGHTS:
             value = getattr(self, name)
             _check(math.isfinite(value) and value >= 0, f"loss.{name}", f"{value} must be a finite number >= 0")
             _check_float32(value, f"loss.{name}", "1.0", zero="to leave the term out")
-        _check(sum(getattr(self, name) for name in self._WEIGHTS) > 0, "loss",
-               f"at least one of {', '.join(self._WEIGHTS)} must be > 0")
+        _check(bool(self.active_terms()), "loss", f"at least one of {', '.join(self.WEIGHTS)} must be > 0")
         _check(self.chunk_tokens >= 0, "loss.chunk_tokens", f"{self.chunk_tokens} must be >= 0 (0: full logits)")
         _check(self.jsd_beta is None or self.divergence == "jsd", "loss.jsd_beta",
                f"applies to loss.divergence=jsd only (it is {self.divergence}); remove it")
@@ -195,6 +200,25 @@ class LossConfig:
         from .loss.divergences import DivergenceSpec
 
         return DivergenceSpec(self.divergence, beta=self.jsd_beta, alpha=self.skew_alpha)
+
+    def active_terms(self) -> list[str]:
+        """The weight fields > 0, in the order of :attr:`WEIGHTS`."""
+        return [name for name in self.WEIGHTS if getattr(self, name) > 0]
+
+    @property
+    def needs_hidden(self) -> bool:
+        """Whether the last hidden states are compared (cos or mse)."""
+        return self.cos > 0 or self.mse > 0
+
+    @property
+    def needs_layers(self) -> bool:
+        """Whether intermediate layer outputs are aligned (align_cos or align_mse)."""
+        return self.align_cos > 0 or self.align_mse > 0
+
+    @property
+    def needs_teacher(self) -> bool:
+        """Whether any term reads the teacher (else causal-LM-only training)."""
+        return self.kl > 0 or self.needs_hidden or self.needs_layers
 
 
 DISTRIBUTED = ("ddp", "fsdp")

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from lmdistill.train.rundir import read_metrics
-from lmdistill.config import ConfigError
-from lmdistill.loss.terms import LossWeights, distillation_loss, layer_alignment_loss
+from lmdistill.config import ConfigError, LossConfig
+from lmdistill.loss.terms import distillation_loss, layer_alignment_loss
 from lmdistill.student.build import build_student
 from lmdistill.train.plan import aligned_layers
 from lmdistill.train.run import run_training
@@ -52,7 +52,7 @@ def test_alignment_of_a_cut_student_matches_reference(kind):
     assert same == 0.0 if kind == "mse" else abs(same) <= 2e-6
     value.backward()
     assert student.model.layers[1].mlp.down_proj.weight.grad is not None
-    weights = LossWeights(kl=0, ce=0, cos=0, **{f"align_{kind}": 3.0})
+    weights = LossConfig(kl=0, ce=0, cos=0, **{f"align_{kind}": 3.0})
     total = distillation_loss(out.logits, None, ids, weights, student_layers=s_layers, teacher_layers=t_layers)
     assert total.total.item() == pytest.approx(3.0 * value.item(), rel=1e-6)  # the same value times 3: 1-2 roundings
     with pytest.raises(ValueError, match="pass student_layers and teacher_layers"):

@@ -14,11 +14,15 @@ import pytest
 import torch
 
 from lmdistill.loss import terms
+from lmdistill.config import LossConfig
 from lmdistill.loss.divergences import (
     DIVERGENCE_PARAMS,
     DIVERGENCES,
+    LOGIT_TERMS,
+    TERM_NAMES,
     DivergenceSpec,
     divergence,
+    logit_term_name,
     forward_kl,
     generalized_jsd,
     reverse_kl,
@@ -530,3 +534,15 @@ def test_function_and_divergence_validation(gen):
             divergence(name, s, t[..., :-1])
         with pytest.raises(ValueError, match=r"mask must have shape \(batch, seq\)"):
             divergence(name, s, t, torch.ones(B, S + 1, dtype=torch.bool))
+
+
+def test_logit_term_names():
+    """Forward KL keeps its historic name (its weight is loss.kl); every other divergence is
+    logged under its own, so the names a run can log are distinct and known in advance."""
+    assert [logit_term_name(name) for name in NAMES] == ["kl", *NAMES[1:]]
+    assert [DivergenceSpec(name).term_name for name in NAMES] == list(LOGIT_TERMS)
+    with pytest.raises(ValueError, match="unknown divergence 'kl'"):
+        logit_term_name("kl")
+    assert len(set(TERM_NAMES)) == len(TERM_NAMES)
+    # The other terms are named after their weight fields (the logit term's weight is loss.kl).
+    assert TERM_NAMES == (*LOGIT_TERMS, *LossConfig.WEIGHTS[1:])

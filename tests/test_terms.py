@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lmdistill.loss import terms
+from lmdistill.config import ConfigError, LossConfig
+from lmdistill.loss import divergences, terms
+from lmdistill.loss.divergences import DivergenceSpec
 from lmdistill.loss.terms import (
     LossOutput,
-    LossWeights,
     causal_lm_loss,
     cosine_loss,
     distillation_loss,
@@ -429,35 +430,39 @@ def test_input_validation(gen):
         mse_loss(torch.zeros(S, D), torch.zeros(S, D))
 
 
-# --------------------------------------------------------------------------- LossWeights
+# --------------------------------------------------------------------------- LossConfig, the terms' settings
 
 
-def test_loss_weights_defaults_and_active_terms():
-    w = LossWeights()
+def test_loss_config_defaults_and_active_terms():
+    w = LossConfig()
     assert (w.kl, w.ce, w.cos, w.mse, w.temperature) == (5.0, 2.0, 1.0, 0.0, 2.0)
     assert w.active_terms() == ["kl", "ce", "cos"]
-    assert LossWeights(kl=0, ce=0, cos=0, mse=1).active_terms() == ["mse"]
-    assert LossWeights(kl=1, ce=1, cos=1, mse=1).active_terms() == ["kl", "ce", "cos", "mse"]
-    with pytest.raises(Exception):
-        w.kl = 1.0  # frozen
+    assert LossConfig(kl=0, ce=0, cos=0, mse=1).active_terms() == ["mse"]
+    assert LossConfig(kl=1, ce=1, cos=1, mse=1).active_terms() == ["kl", "ce", "cos", "mse"]
+    assert (w.needs_hidden, w.needs_layers, w.needs_teacher) == (True, False, True)
+    ce_only = LossConfig(kl=0, cos=0)
+    assert (ce_only.needs_hidden, ce_only.needs_layers, ce_only.needs_teacher) == (False, False, False)
+    aligned = LossConfig(kl=0, ce=0, cos=0, align_mse=1)
+    assert (aligned.needs_hidden, aligned.needs_layers, aligned.needs_teacher) == (False, True, True)
 
 
 @pytest.mark.parametrize(
     "kwargs, field",
     [
-        ({"kl": -1.0}, "kl"),
-        ({"ce": float("nan")}, "ce"),
-        ({"cos": float("inf")}, "cos"),
-        ({"mse": "1"}, "mse"),
-        ({"temperature": 0.0}, "temperature"),
-        ({"temperature": -2.0}, "temperature"),
-        ({"temperature": float("nan")}, "temperature"),
+        ({"kl": -1.0}, "loss.kl"),
+        ({"ce": float("nan")}, "loss.ce"),
+        ({"cos": float("inf")}, "loss.cos"),
+        ({"mse": "1"}, "loss.mse"),
+        ({"align_cos": True}, "loss.align_cos"),
+        ({"temperature": 0.0}, "loss.temperature"),
+        ({"temperature": -2.0}, "loss.temperature"),
+        ({"temperature": float("nan")}, "loss.temperature"),
         ({"kl": 0.0, "ce": 0.0, "cos": 0.0, "mse": 0.0}, "at least one"),
     ],
 )
 def test_invalid_loss_weights_raise(kwargs, field):
-    with pytest.raises(ValueError, match=field):
-        LossWeights(**kwargs)
+    with pytest.raises(ConfigError, match=field):
+        LossConfig(**kwargs)
 
 
 # --------------------------------------------------------------------------- distillation_loss
@@ -467,7 +472,7 @@ def test_invalid_loss_weights_raise(kwargs, field):
 def test_distillation_total_equals_weighted_reference(gen, reduction):
     s, t, y, m = _logits(gen), _logits(gen), _labels(gen), _mask(gen)
     hs, ht = _hidden(gen), _hidden(gen)
-    w = LossWeights(kl=5.0, ce=2.0, cos=1.0, mse=0.5, temperature=2.0)
+    w = LossConfig(kl=5.0, ce=2.0, cos=1.0, mse=0.5, temperature=2.0)
     out = distillation_loss(s, t, y, w, m, hs, ht, reduction=reduction)
     assert isinstance(out, LossOutput)
     mn = m.numpy()
@@ -487,7 +492,7 @@ def test_distillation_default_recipe_and_backward(gen):
     s = _logits(gen).requires_grad_()
     hs = _hidden(gen).requires_grad_()
     t, ht, y = _logits(gen), _hidden(gen), _labels(gen)
-    out = distillation_loss(s, t, y, LossWeights(), student_hidden=hs, teacher_hidden=ht)
+    out = distillation_loss(s, t, y, LossConfig(), student_hidden=hs, teacher_hidden=ht)
     assert set(out.terms) == {"kl", "ce", "cos"}  # mse weight 0 in the recipe
     expected = 5 * out.terms["kl"] + 2 * out.terms["ce"] + out.terms["cos"]
     assert torch.allclose(out.total, expected)  # the same float32 sum of the same terms (defaults: 1e-5)
@@ -501,24 +506,26 @@ def test_zero_weight_terms_absent_and_not_computed(gen, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("inactive term was computed")
 
-    for name in ("kl_divergence", "cosine_loss", "mse_loss"):
+    for name in ("cosine_loss", "mse_loss"):
         monkeypatch.setattr(terms, name, boom)
+    monkeypatch.setitem(divergences.DIVERGENCES, "forward_kl", boom)  # the logit term's function
     # CE only: teacher and hidden states may all be None
-    out = distillation_loss(s, None, y, LossWeights(kl=0, ce=1, cos=0, mse=0))
+    out = distillation_loss(s, None, y, LossConfig(kl=0, ce=1, cos=0, mse=0))
     assert list(out.terms) == ["ce"]
     _close(out.total, ref_ce(s, y))
     # and the spy really is wired in: an active term reaches it
     with pytest.raises(AssertionError, match="inactive"):
-        distillation_loss(s, _logits(gen), y, LossWeights(kl=1, ce=0, cos=0))
+        distillation_loss(s, _logits(gen), y, LossConfig(kl=1, ce=0, cos=0))
 
 
 @pytest.mark.parametrize(
     "weights, kwargs, missing",
     [
-        (LossWeights(kl=0, ce=1, cos=1), {"teacher_hidden": "T"}, "student_hidden"),
-        (LossWeights(kl=0, ce=1, cos=1), {}, "student_hidden, teacher_hidden"),
-        (LossWeights(kl=0, ce=0, cos=0, mse=1), {"student_hidden": "S"}, "teacher_hidden"),
-        (LossWeights(kl=1, ce=1, cos=0), {"teacher_logits": None}, "teacher_logits"),
+        (LossConfig(kl=0, ce=1, cos=1), {"teacher_hidden": "T"}, "student_hidden"),
+        (LossConfig(kl=0, ce=1, cos=1), {}, "student_hidden, teacher_hidden"),
+        (LossConfig(kl=0, ce=0, cos=0, mse=1), {"student_hidden": "S"}, "teacher_hidden"),
+        (LossConfig(kl=1, ce=1, cos=0), {"teacher_logits": None}, "teacher_logits"),
+        (LossConfig(kl=1, ce=1, cos=0, divergence="jsd"), {"teacher_logits": None}, "'jsd' .* set loss.kl to 0"),
     ],
 )
 def test_missing_inputs_for_active_term_raise(gen, weights, kwargs, missing):
@@ -530,3 +537,17 @@ def test_missing_inputs_for_active_term_raise(gen, weights, kwargs, missing):
         distillation_loss(s, args["teacher_logits"], y, weights,
                           student_hidden=args["student_hidden"],
                           teacher_hidden=args["teacher_hidden"])
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv"])
+def test_logit_term_is_named_after_its_divergence(gen, name):
+    """The logit term is ``kl`` for forward KL and the divergence's own name otherwise, and its
+    value is that divergence's, weighed by loss.kl."""
+    s, t, y, m = _logits(gen), _logits(gen), _labels(gen), _mask(gen)
+    loss = LossConfig(kl=3.0, ce=0.5, cos=0, divergence=name, temperature=1.5)
+    out = distillation_loss(s, t, y, loss, m, reduction="sum")
+    term = "kl" if name == "forward_kl" else name
+    assert list(out.terms) == [term, "ce"]
+    # The same function on the same inputs: bit-identical.
+    assert torch.equal(out.terms[term], DivergenceSpec(name)(s, t, m, 1.5, "sum"))
+    assert torch.equal(out.total, 3.0 * out.terms[term] + 0.5 * out.terms["ce"])

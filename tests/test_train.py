@@ -181,7 +181,7 @@ def test_importance_strategy_keeps_the_most_influential_layers(workspace, tmp_pa
 
 
 @pytest.mark.parametrize("name", ["reverse_kl", "jsd", "tv"])
-def test_configured_divergence_is_the_logged_logit_term(workspace, tmp_path, name):
+def test_configured_divergence_is_the_logged_logit_term(workspace, tmp_path, name, capsys):
     from lmdistill.data.prepare import load_prepared
     from lmdistill.data.sampler import BlockSampler
     from lmdistill.loss.divergences import DivergenceSpec
@@ -191,6 +191,9 @@ def test_configured_divergence_is_the_logged_logit_term(workspace, tmp_path, nam
     config.loss = LossConfig(**{**asdict(config.loss), "divergence": name, "cos": 0.0, "ce": 0.0,
                                 "jsd_beta": 0.9 if name == "jsd" else None})
     run_training(config, tmp_path / "run", progress=False)
+    # Only forward KL has the fused lm_head loss: the run says once that it builds full logits, and why.
+    assert capsys.readouterr().out.count(f"logit terms: full logits, loss.chunk_tokens=1024 ignored: "
+                                         f"loss.divergence={name} has no fused path") == 1
     logged = next(r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r)
     # The first step's batch and models, rebuilt: the logged term is the divergence before the update.
     tokens = load_prepared(workspace["data"]).tokens("train")
@@ -203,8 +206,9 @@ def test_configured_divergence_is_the_logged_logit_term(workspace, tmp_path, nam
     # The same float32 divergence (a sum over tokens / their count vs a mean), written with 7
     # significant digits: ~1e-6 relative apart (measured: <= 0.5% of 1e-4); a wrong divergence,
     # temperature or weight is off by far more.
-    assert logged["kl"] == pytest.approx(expected.item(), rel=1e-4)
+    assert logged[name] == pytest.approx(expected.item(), rel=1e-4)
     assert logged["loss"] == pytest.approx(config.loss.kl * expected.item(), rel=1e-4)
+    assert "kl" not in logged  # the logit term carries its divergence's name; kl is forward KL's
 
 
 @pytest.mark.parametrize("loss", [{}, {"cos": 0.0, "align_cos": 1.0, "mse": 0.5}, {"kl": 0.0, "cos": 0.0}])

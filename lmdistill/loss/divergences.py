@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import LossConfig
 from .terms import (
     _as_mask,
     _check_reduction,
@@ -60,6 +61,9 @@ __all__ = [
     "DIVERGENCE_PARAMS",
     "DivergenceSpec",
     "divergence",
+    "logit_term_name",
+    "LOGIT_TERMS",
+    "TERM_NAMES",
 ]
 
 DivergenceFn = Callable[..., Tensor]
@@ -369,6 +373,7 @@ DIVERGENCE_PARAMS: dict[str, tuple[str, float]] = {
 }
 """Name -> (parameter, default) for the divergences that take one; its range is [0, 1]."""
 
+
 _PARAM_NAMES = ("beta", "alpha")
 
 
@@ -383,6 +388,20 @@ def _takes(name: str) -> str:
         return "takes no parameter"
     param, default = DIVERGENCE_PARAMS[name]
     return f"takes only {param} in [0, 1] (default {default})"
+
+
+def logit_term_name(divergence: str) -> str:
+    """The name the logit term is logged under (``metrics.jsonl``) for ``loss.divergence``:
+    ``kl`` for forward KL (the default, weighed by ``loss.kl``), else the divergence's own name."""
+    return "kl" if divergence == "forward_kl" else _check_name(divergence)
+
+
+LOGIT_TERMS: tuple[str, ...] = tuple(logit_term_name(name) for name in DIVERGENCES)
+"""Every name the logit term can be logged under: ``kl``, ``reverse_kl``, ``jsd``, ..."""
+
+TERM_NAMES: tuple[str, ...] = LOGIT_TERMS + tuple(w for w in LossConfig.WEIGHTS if w != "kl")
+"""Every loss term a run can log: the logit term's names, then the others, each named after
+its weight field (``ce``, ``cos``, ``mse``, ``align_cos``, ``align_mse``)."""
 
 
 @dataclass(frozen=True)
@@ -420,6 +439,11 @@ class DivergenceSpec:
         param, default = DIVERGENCE_PARAMS[self.name]
         value = getattr(self, param)
         return {param: default if value is None else float(value)}
+
+    @property
+    def term_name(self) -> str:
+        """The logit term's logged name: :func:`logit_term_name`."""
+        return logit_term_name(self.name)
 
     def __str__(self) -> str:
         """``jsd(beta=0.5)``, ``tv``: a short label for logs and reports."""

@@ -16,7 +16,7 @@ Conventions shared by every per-token loss here:
   float32 (or float64) scalars.
 * Temperature. The KL term is computed on logits divided by ``T`` and multiplied by ``T**2``
   (Hinton et al., 2015) so its gradient magnitude does not shrink as ``T`` grows and the
-  weights in :class:`LossWeights` mean the same thing at any temperature.
+  weights of :class:`lmdistill.config.LossConfig` mean the same thing at any temperature.
 * Teachers never receive gradients: their tensors are detached here.
 """
 
@@ -30,13 +30,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..config import LossConfig
+
 __all__ = [
     "kl_divergence",
     "causal_lm_loss",
     "cosine_loss",
     "mse_loss",
     "layer_alignment_loss",
-    "LossWeights",
     "LossOutput",
     "distillation_loss",
 ]
@@ -295,59 +296,6 @@ def layer_alignment_loss(
 # --------------------------------------------------------------------------- weighted sum
 
 
-@dataclass(frozen=True)
-class LossWeights:
-    """Weights of the distillation terms; the defaults are the DistilGPT2 recipe."""
-
-    kl: float = 5.0
-    """Weight of KL(teacher || student) on temperature-softened logits (scaled by T**2)."""
-    ce: float = 2.0
-    """Weight of the causal-LM cross-entropy on the true next tokens."""
-    cos: float = 1.0
-    """Weight of the cosine loss between student and teacher last hidden states."""
-    mse: float = 0.0
-    """Weight of the mean-squared error between last hidden states (off in the recipe)."""
-    temperature: float = 2.0
-    """Softmax temperature T for the KL term; must be > 0."""
-    align_cos: float = 0.0
-    """Weight of the cosine loss between intermediate student layers and their teacher layers."""
-    align_mse: float = 0.0
-    """Weight of the MSE loss between intermediate student layers and their teacher layers."""
-
-    _TERMS = ("kl", "ce", "cos", "mse", "align_cos", "align_mse")  # a class constant, not a field
-
-    def __post_init__(self) -> None:
-        for name in self._TERMS:
-            w = getattr(self, name)
-            if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
-                raise ValueError(f"loss weight {name!r} must be a finite number, got {w!r}")
-            if w < 0:
-                raise ValueError(f"loss weight {name!r} is {w}; use a value >= 0 (0 turns it off)")
-        if not self.active_terms():
-            raise ValueError(
-                f"all loss weights ({', '.join(self._TERMS)}) are 0; set at least one > 0"
-            )
-        t = self.temperature
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (
-            math.isfinite(t) and t > 0
-        ):
-            raise ValueError(f"temperature must be a finite number > 0 (e.g. 2.0), got {t!r}")
-
-    def active_terms(self) -> list[str]:
-        """Names of the terms with weight > 0, in the order of ``_TERMS``."""
-        return [name for name in self._TERMS if getattr(self, name) > 0]
-
-    @property
-    def needs_hidden(self) -> bool:
-        """Whether the last hidden states are needed (cos or mse)."""
-        return self.cos > 0 or self.mse > 0
-
-    @property
-    def needs_layers(self) -> bool:
-        """Whether intermediate layer outputs are needed (align_cos or align_mse)."""
-        return self.align_cos > 0 or self.align_mse > 0
-
-
 @dataclass
 class LossOutput:
     """Result of :func:`distillation_loss`."""
@@ -362,68 +310,67 @@ def distillation_loss(
     student_logits: Tensor,
     teacher_logits: Tensor | None,
     labels: Tensor,
-    weights: LossWeights,
+    loss: LossConfig,
     mask: Tensor | None = None,
     student_hidden: Tensor | None = None,
     teacher_hidden: Tensor | None = None,
     reduction: str = "mean",
     student_layers: list[Tensor] | None = None,
     teacher_layers: list[Tensor] | None = None,
-    divergence: Callable[..., Tensor] | None = None,
 ) -> LossOutput:
     """Weighted sum of the active terms (those with weight > 0); inactive ones are not computed.
 
     Args:
         student_logits: ``(batch, seq, vocab)``, already aligned with ``labels``.
-        teacher_logits: ``(batch, seq, vocab)``; needed only when ``weights.kl > 0``.
+        teacher_logits: ``(batch, seq, vocab)``; needed only when ``loss.kl > 0``.
         labels: ``(batch, seq)`` next-token ids, -100 where there is no target.
-        weights: term weights and KL temperature.
+        loss: the term weights, the temperature and the logit term's divergence
+            (``loss.divergence``, the :meth:`~lmdistill.config.LossConfig.divergence_spec`). The
+            logit term is named after its divergence (:func:`lmdistill.loss.divergences.logit_term_name`:
+            ``kl`` for forward KL, else e.g. ``jsd``); the others after their weight field.
         mask: ``(batch, seq)``; used by every term. CE also skips labels == -100, so it may
-            count fewer positions than kl/cos/mse.
+            count fewer positions than the logit term and cos/mse.
         student_hidden, teacher_hidden: ``(batch, seq, dim)``; needed when cos or mse > 0.
         reduction: ``"mean"`` or ``"sum"``, applied to each term.
         student_layers, teacher_layers: paired intermediate layer outputs (see
             :func:`layer_alignment_loss`); needed when align_cos or align_mse > 0.
-        divergence: the logit term's function ``(student_logits, teacher_logits, mask,
-            temperature, reduction)``, e.g. a :class:`lmdistill.loss.divergences.DivergenceSpec`;
-            None means :func:`kl_divergence`. Its value is logged as the ``kl`` term.
 
     Raises:
         ValueError: an active term lacks its inputs (checked before anything is computed).
     """
     _check_reduction(reduction)
-    # (name, weight, inputs it needs, how to compute it). Lambdas look the loss functions up
-    # at call time, so only active terms ever run.
-    table: list[tuple[str, float, dict[str, object], Callable[[], Tensor]]] = [
-        ("kl", weights.kl, {"teacher_logits": teacher_logits},
-         lambda: (divergence or kl_divergence)(
-             student_logits, teacher_logits, mask, weights.temperature, reduction)),
-        ("ce", weights.ce, {},
-         lambda: causal_lm_loss(student_logits, labels, mask, reduction)),
-        ("cos", weights.cos, {"student_hidden": student_hidden, "teacher_hidden": teacher_hidden},
-         lambda: cosine_loss(student_hidden, teacher_hidden, mask, reduction)),
-        ("mse", weights.mse, {"student_hidden": student_hidden, "teacher_hidden": teacher_hidden},
-         lambda: mse_loss(student_hidden, teacher_hidden, mask, reduction)),
-        ("align_cos", weights.align_cos, {"student_layers": student_layers, "teacher_layers": teacher_layers},
+    logit = loss.divergence_spec() if loss.kl > 0 else None
+    hidden = {"student_hidden": student_hidden, "teacher_hidden": teacher_hidden}
+    layers = {"student_layers": student_layers, "teacher_layers": teacher_layers}
+    # (name, weight field, inputs it needs, how to compute it). Lambdas look the loss functions
+    # up at call time, so only active terms ever run.
+    table: list[tuple[str, str, dict[str, object], Callable[[], Tensor]]] = [
+        (logit.term_name if logit else "kl", "kl", {"teacher_logits": teacher_logits},
+         lambda: logit(student_logits, teacher_logits, mask, loss.temperature, reduction)),
+        ("ce", "ce", {}, lambda: causal_lm_loss(student_logits, labels, mask, reduction)),
+        ("cos", "cos", hidden, lambda: cosine_loss(student_hidden, teacher_hidden, mask, reduction)),
+        ("mse", "mse", hidden, lambda: mse_loss(student_hidden, teacher_hidden, mask, reduction)),
+        ("align_cos", "align_cos", layers,
          lambda: layer_alignment_loss(student_layers, teacher_layers, "cos", mask, reduction)),
-        ("align_mse", weights.align_mse, {"student_layers": student_layers, "teacher_layers": teacher_layers},
+        ("align_mse", "align_mse", layers,
          lambda: layer_alignment_loss(student_layers, teacher_layers, "mse", mask, reduction)),
     ]
-    active = [(name, w, needs, fn) for name, w, needs, fn in table if w > 0]
-    for name, w, needs, _ in active:  # all checks first: fail before any expensive work
+    active = [(name, getattr(loss, field), field, needs, fn) for name, field, needs, fn in table
+              if getattr(loss, field) > 0]
+    for name, w, field, needs, _ in active:  # all checks first: fail before any expensive work
         missing = [k for k, v in needs.items() if v is None]
         if missing:
             raise ValueError(
                 f"loss term {name!r} has weight {w} but {', '.join(missing)} "
                 f"{'is' if len(missing) == 1 else 'are'} None; pass "
-                f"{' and '.join(missing)} or set the {name} weight to 0"
+                f"{' and '.join(missing)} or set loss.{field} to 0"
             )
 
     terms: dict[str, Tensor] = {}
     total: Tensor | None = None
-    for name, w, _, fn in active:
+    for name, w, _, _, fn in active:
         value = fn()
         terms[name] = value
         total = w * value if total is None else total + w * value
-    assert total is not None  # LossWeights guarantees at least one active term
+    assert total is not None  # LossConfig guarantees at least one active term
     return LossOutput(total=total, terms=terms)

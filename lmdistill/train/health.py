@@ -11,14 +11,16 @@ import torch
 from .. import dist
 from ..config import RunConfig
 from ..errors import NonFiniteError
+from ..loss.divergences import LOGIT_TERMS
 from .rundir import RunDir
 from .setup import Setup
 
 
-# The config field that most often makes each loss term non-finite (besides train.lr).
+# The config fields that most often make each loss term non-finite (besides train.lr); the
+# logit term is logged under its divergence's name (kl, reverse_kl, jsd, ...).
 _TERM_CAUSES = {
-    "kl": "loss.temperature and loss.kl", "ce": "loss.ce and the data", "cos": "loss.cos", "mse": "loss.mse",
-    "align_cos": "loss.align_cos", "align_mse": "loss.align_mse",
+    **{name: "loss.temperature and loss.kl" for name in LOGIT_TERMS}, "ce": "loss.ce and the data", "cos": "loss.cos",
+    "mse": "loss.mse", "align_cos": "loss.align_cos", "align_mse": "loss.align_mse",
 }
 
 
@@ -48,8 +50,7 @@ def check_finite_step(setup: Setup, metrics: dict[str, float], grad_norm: float)
 
 def loss_weights_text(config: RunConfig) -> str:
     """The active loss weights as ``loss.kl=5, loss.ce=2, ...``."""
-    return ", ".join(f"loss.{name}={getattr(config.loss, name):g}" for name in _TERM_CAUSES
-                     if getattr(config.loss, name) > 0)
+    return ", ".join(f"loss.{name}={getattr(config.loss, name):g}" for name in config.loss.active_terms())
 
 
 def optimiser_fault(parameter: str, train) -> str:

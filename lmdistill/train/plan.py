@@ -16,8 +16,6 @@ from pathlib import Path
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from ..config import ConfigError, RunConfig, check_teacher_cache_settings
-from ..loss.divergences import DivergenceSpec
-from ..loss.terms import LossWeights
 from ..models.arch import config_context_length, config_num_layers
 from ..models.cache import cache_dir
 from ..models.fingerprint import config_fingerprint, tokenizer_fingerprint
@@ -34,19 +32,11 @@ class RunPlan:
     teacher_config: PretrainedConfig
     tokenizer: PreTrainedTokenizerBase
     """The teacher's tokenizer: the data is tokenised with it and saved with the student."""
-    weights: LossWeights
-    divergence: DivergenceSpec
     teacher_cache: TeacherCache | None
     """Stored teacher targets (``model.teacher_cache``), checked against the teacher's config,
     tokenizer, block size and temperature; None for a live teacher."""
     prepared_dir: Path
     """Where ``data.sources`` are tokenised to."""
-
-    @property
-    def needs_teacher(self) -> bool:
-        """Whether any loss term reads the teacher (else causal-LM-only training)."""
-        w = self.weights
-        return w.kl > 0 or w.needs_hidden or w.needs_layers
 
 
 def plan_run(config: RunConfig) -> RunPlan:
@@ -54,24 +44,16 @@ def plan_run(config: RunConfig) -> RunPlan:
     teacher_cfg = model_config(config.model.teacher)
     tokenizer = load_tokenizer(config.model.teacher)
     cache = open_teacher_cache(config, teacher_cfg, tokenizer) if config.model.teacher_cache is not None else None
-    weights = loss_weights(config)
     student_cfg = None
     if config.model.student is not None:
         student_cfg = model_config(config.model.student)
         check_shared_tokenizer(config, teacher_cfg, student_cfg, tokenizer)
     check_block_size(config, {"teacher": teacher_cfg, "student": student_cfg})
-    if weights.needs_layers:
+    if config.loss.needs_layers:
         check_alignment_request(config, teacher_cfg, student_cfg)
     if config.model.student is None:
         check_cut_request(config, teacher_cfg)
-    return RunPlan(config, teacher_cfg, tokenizer, weights, config.loss.divergence_spec(), cache,
-                   prepared_dir(config, tokenizer))
-
-
-def loss_weights(config: RunConfig) -> LossWeights:
-    c = config.loss
-    return LossWeights(kl=c.kl, ce=c.ce, cos=c.cos, mse=c.mse, temperature=c.temperature,
-                       align_cos=c.align_cos, align_mse=c.align_mse)
+    return RunPlan(config, teacher_cfg, tokenizer, cache, prepared_dir(config, tokenizer))
 
 
 def open_teacher_cache(config: RunConfig, teacher_cfg: PretrainedConfig,

@@ -22,8 +22,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from .. import dist
 from ..config import ConfigError, RunConfig
 from ..data.prepare import PreparedData, prepare
-from ..loss.objective import StudentObjective
-from ..loss.terms import LossWeights
+from ..loss.objective import StudentObjective, logit_path
 from ..models.arch import architecture_of, decoder_layers
 from ..models.device import resolve_device
 from ..models.fingerprint import model_fingerprint
@@ -50,7 +49,6 @@ class Setup:
     tokenizer: PreTrainedTokenizerBase
     data: PreparedData
     device: torch.device
-    weights: LossWeights
     fused: bool
     """The KL and CE terms come from the fused, chunked lm_head loss (no full logits)."""
     teacher_cache: TeacherCache | None
@@ -89,21 +87,22 @@ def build_setup(config: RunConfig, student_init: Path | None = None, ranks: dist
         print(f"[lmdistill] teacher cache {cache.describe()}")
     teacher, student = load_models(plan, data, student_init, first)
     aligned = (aligned_layers(config, student_layer_map(student), len(decoder_layers(student)))
-               if plan.weights.needs_layers else None)
-    if not plan.needs_teacher or cache is not None:
+               if config.loss.needs_layers else None)
+    if not config.loss.needs_teacher or cache is not None:
         teacher = None  # causal-LM-only training or stored targets: free the teacher's memory
     else:
         place_teacher(teacher, config, ranks, device, autocast)
-    chunk_tokens = fused_chunk_tokens(config, teacher, student)
+    logits = logit_path(config.loss, teacher, student)
+    print(f"[lmdistill] logit terms: {logits.reason}")
     prepare_student(student, config, ranks)
-    objective = StudentObjective(student, plan.weights, aligned, plan.divergence, chunk_tokens,
+    objective = StudentObjective(student, config.loss, aligned, logits.chunk_tokens,
                                  matmul_dtype=torch.bfloat16 if autocast == torch.bfloat16 else None)
     objective = dist.wrap_student(objective, ranks, train.distributed, device, decoder_layers(student))
     if train.compile:
         compile_layers(decoder_layers(student))
     scaler = torch.amp.GradScaler(device.type) if autocast == torch.float16 else None
-    return Setup(config, teacher, student, objective, plan.tokenizer, data, device, plan.weights, chunk_tokens > 0,
-                 cache, ranks, autocast, scaler)
+    return Setup(config, teacher, student, objective, plan.tokenizer, data, device, logits.chunk_tokens > 0, cache,
+                 ranks, autocast, scaler)
 
 
 def check_data(config: RunConfig, data: PreparedData) -> None:
@@ -221,31 +220,6 @@ def compile_layers(layers: nn.ModuleList) -> None:
     checkpointing (which wraps the class's forward, FSDP2's subclass included) still applies."""
     for layer in layers:
         layer.forward = torch.compile(layer.forward)
-
-
-# Config fields of models whose logits are not just lm_head(last hidden state).
-_LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
-
-
-def fused_chunk_tokens(config: RunConfig, teacher: PreTrainedModel | None, student: PreTrainedModel) -> int:
-    """``loss.chunk_tokens`` when the fused path computes this run's logit terms exactly, else 0."""
-    c = config.loss
-    if c.chunk_tokens == 0 or (c.kl == 0 and c.ce == 0):
-        return 0
-    reason = None
-    if c.divergence != "forward_kl" and c.kl > 0:
-        reason = f"loss.divergence={c.divergence} has no fused path (forward_kl only)"
-    for role, model in (("teacher", teacher if c.kl > 0 else None), ("student", student)):
-        if model is None:
-            continue
-        transforms = [k for k in _LOGIT_TRANSFORMS if getattr(model.config, k, None) not in (None, 1, 1.0)]
-        head = model.get_output_embeddings()
-        if transforms or not isinstance(head, nn.Linear):
-            reason = f"the {role}'s logits are not a plain linear head ({', '.join(transforms) or type(head).__name__})"
-    if reason:
-        print(f"[lmdistill] {reason}: building full logits (loss.chunk_tokens ignored)")
-        return 0
-    return c.chunk_tokens
 
 
 def trainable_parameters(student: PreTrainedModel, freeze_pos_embeddings: bool) -> list[nn.Parameter]:

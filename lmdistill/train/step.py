@@ -48,12 +48,12 @@ def step_loss(setup: Setup, input_ids: torch.Tensor, labels: torch.Tensor,
     if cached is not None:
         total, terms = setup.objective(input_ids, labels, cached=cached)
         return LossOutput(total=total, terms=terms)
-    weights = setup.weights
+    loss = setup.config.loss
     fused = setup.fused
-    want_hidden = weights.needs_hidden or weights.needs_layers
+    want_hidden = loss.needs_hidden or loss.needs_layers
     teacher_logits, teacher_states = forward_teacher(setup.teacher, input_ids, want_hidden, fused)
     teacher_head = None
-    if fused and weights.kl > 0:
+    if fused and loss.kl > 0:
         t_head = setup.teacher.get_output_embeddings()
         teacher_head = (t_head.weight, t_head.bias)
     total, terms = setup.objective(input_ids, labels, teacher_logits=teacher_logits, teacher_states=teacher_states,
@@ -66,7 +66,7 @@ def next_micro_batch(setup: Setup, sampler: BlockSampler, tokens: np.ndarray) ->
     if setup.teacher_cache is None:
         return sampler.next_batch(tokens)
     input_ids, labels, blocks = sampler.next_indexed_batch(tokens)
-    return input_ids, labels, setup.teacher_cache.targets(blocks, setup.weights.temperature)
+    return input_ids, labels, setup.teacher_cache.targets(blocks, setup.config.loss.temperature)
 
 
 def train_step(setup: Setup, optimizer: torch.optim.Optimizer, micro_batches: list[tuple]) -> dict[str, float]:
