@@ -367,7 +367,7 @@ def test_nonnegative_and_zero_only_at_equality(gen):
             assert value > 1e-3, (name, params)
 
 
-def test_forward_kl_is_losses_kl_divergence(gen):
+def test_forward_kl_is_terms_kl_divergence(gen):
     s, t, m = _logits(gen, dtype=torch.float32), _logits(gen, dtype=torch.float32), _mask(gen)
     for T, reduction in ((1.0, "mean"), (2.0, "sum"), (0.5, "mean")):
         a = value_and_grad(lambda x: forward_kl(x, t, m, T, reduction), s)

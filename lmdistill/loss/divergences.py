@@ -36,19 +36,10 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from ..config import LossConfig
-from .terms import (
-    _as_mask,
-    _check_reduction,
-    _check_same_shape,
-    _compute_dtype,
-    _per_position,
-    _reduce,
-    kl_divergence,
-)
+from .terms import kl_divergence, logit_divergence
 
 __all__ = [
     "forward_kl",
@@ -81,38 +72,6 @@ def _check_weight(divergence_name: str, param: str, value: object) -> float:
     ):
         raise ValueError(f"{divergence_name} {param} must be a number in [0, 1], got {value!r}")
     return float(value)
-
-
-def _divergence(
-    per_token: Callable[[Tensor, Tensor], Tensor],
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mask: Tensor | None,
-    temperature: float,
-    reduction: str,
-) -> Tensor:
-    """Checks, chunked upcast and reduction shared by every divergence except forward KL.
-
-    ``per_token(log_p_s, log_p_t)`` gets one seq-chunk of log-probabilities on softened
-    logits, ``(batch, chunk, vocab)`` in the compute dtype, and returns ``(batch, chunk)``.
-    """
-    _check_same_shape(
-        "student_logits", student_logits, "teacher_logits", teacher_logits,
-        "teacher and student must share a vocabulary (same tokenizer, same padded size)",
-    )
-    _check_reduction(reduction)
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    valid = _as_mask(mask, student_logits.shape[:2])
-    dtype = _compute_dtype(student_logits, teacher_logits)
-
-    def chunk(s: Tensor, t: Tensor) -> Tensor:
-        log_p_s = F.log_softmax(s.to(dtype) / temperature, dim=-1)
-        log_p_t = F.log_softmax(t.to(dtype) / temperature, dim=-1)
-        return per_token(log_p_s, log_p_t)
-
-    per_pos = _per_position(chunk, student_logits, teacher_logits.detach()) * temperature**2
-    return _reduce(per_pos, valid, reduction)
 
 
 def _kl_to_mixture(log_p: Tensor, log_q: Tensor, w: float) -> Tensor:
@@ -168,37 +127,13 @@ def _raise_if_infinite(total: Tensor, what: str) -> Tensor:
 # --------------------------------------------------------------------------- divergences
 
 
-def forward_kl(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mask: Tensor | None = None,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-) -> Tensor:
-    """Forward KL(p_t || p_s) * T**2: mode-covering; the classic distillation loss.
-
-    This *is* :func:`lmdistill.loss.terms.kl_divergence` (same code, same values).
-
-    Args:
-        student_logits: ``(batch, seq, vocab)``, any float dtype.
-        teacher_logits: ``(batch, seq, vocab)``; detached, receives no gradient.
-        mask: ``(batch, seq)`` bool or 0/1, True where a position counts; None = all.
-        temperature: ``T > 0``; logits are divided by it and the result multiplied by ``T**2``.
-        reduction: ``"mean"`` over counted positions or ``"sum"``.
-
-    Returns:
-        Scalar tensor, float32 (float64 if either input is float64).
-    """
-    return kl_divergence(student_logits, teacher_logits, mask, temperature, reduction)
+forward_kl = kl_divergence
+"""Forward KL(p_t || p_s) * T**2: mode-covering; the classic distillation loss. It *is*
+:func:`lmdistill.loss.terms.kl_divergence`: see there for its arguments."""
 
 
-def reverse_kl(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mask: Tensor | None = None,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-) -> Tensor:
+def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None,
+               temperature: float = 1.0, reduction: str = "mean") -> Tensor:
     """Reverse KL(p_s || p_t) * T**2: mode-seeking (the student may drop teacher modes).
 
     ``sum_v p_s(v) * (log p_s(v) - log p_t(v)) * T**2`` with ``p = softmax(logits / T)``.
@@ -216,21 +151,14 @@ def reverse_kl(
 def _reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None,
                 temperature: float, reduction: str, what: str) -> Tensor:
     # ``what`` names the caller's divergence (e.g. "jsd with beta=1") in the error.
-    total = _divergence(
+    total = logit_divergence(
         _reverse_kl_per_token, student_logits, teacher_logits, mask, temperature, reduction
     )
     return _raise_if_infinite(total, what)
 
 
-def generalized_jsd(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mask: Tensor | None = None,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-    *,
-    beta: float = 0.5,
-) -> Tensor:
+def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None,
+                    temperature: float = 1.0, reduction: str = "mean", *, beta: float = 0.5) -> Tensor:
     """Generalised Jensen-Shannon divergence, normalised so it is continuous on [0, 1].
 
     With ``m = beta * p_t + (1 - beta) * p_s`` (the GKD / TRL ``generalized_jsd_loss``
@@ -267,18 +195,11 @@ def generalized_jsd(
         to_student = _kl_to_mixture(log_p_s, log_p_t, 1.0 - beta) / beta
         return to_teacher + to_student
 
-    return _divergence(per_token, student_logits, teacher_logits, mask, temperature, reduction)
+    return logit_divergence(per_token, student_logits, teacher_logits, mask, temperature, reduction)
 
 
-def skew_kl(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mask: Tensor | None = None,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-    *,
-    alpha: float = 0.1,
-) -> Tensor:
+def skew_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None,
+            temperature: float = 1.0, reduction: str = "mean", *, alpha: float = 0.1) -> Tensor:
     """DistiLLM's skew KL: ``KL(p_t || alpha p_t + (1 - alpha) p_s) * T**2``.
 
     Mixing some teacher into the student keeps the log-ratio bounded (the value is at most
@@ -294,21 +215,14 @@ def skew_kl(
     alpha = _check_weight("skew_kl", "alpha", alpha)
     if alpha == 0.0:
         return forward_kl(student_logits, teacher_logits, mask, temperature, reduction)
-    return _divergence(
+    return logit_divergence(
         lambda log_p_s, log_p_t: _kl_to_mixture(log_p_t, log_p_s, alpha),
         student_logits, teacher_logits, mask, temperature, reduction,
     )
 
 
-def skew_reverse_kl(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mask: Tensor | None = None,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-    *,
-    alpha: float = 0.1,
-) -> Tensor:
+def skew_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None,
+                    temperature: float = 1.0, reduction: str = "mean", *, alpha: float = 0.1) -> Tensor:
     """DistiLLM's skew reverse KL: ``KL(p_s || alpha p_s + (1 - alpha) p_t) * T**2``.
 
     Finite (at most ``-log alpha * T**2``) even where the teacher rules tokens out, for any
@@ -325,19 +239,14 @@ def skew_reverse_kl(
     if alpha == 0.0:
         return _reverse_kl(student_logits, teacher_logits, mask, temperature, reduction,
                            "skew_reverse_kl with alpha=0 (reverse KL)")
-    return _divergence(
+    return logit_divergence(
         lambda log_p_s, log_p_t: _kl_to_mixture(log_p_s, log_p_t, alpha),
         student_logits, teacher_logits, mask, temperature, reduction,
     )
 
 
-def total_variation(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mask: Tensor | None = None,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-) -> Tensor:
+def total_variation(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None,
+                    temperature: float = 1.0, reduction: str = "mean") -> Tensor:
     """Total variation distance ``0.5 * sum_v |p_t(v) - p_s(v)| * T**2``, in ``[0, T**2]``.
 
     Multiplied by ``T**2`` like every divergence here, for one uniform rule; note TV shrinks
@@ -349,7 +258,7 @@ def total_variation(
     def per_token(log_p_s: Tensor, log_p_t: Tensor) -> Tensor:
         return 0.5 * (log_p_t.exp() - log_p_s.exp()).abs().sum(dim=-1)
 
-    return _divergence(per_token, student_logits, teacher_logits, mask, temperature, reduction)
+    return logit_divergence(per_token, student_logits, teacher_logits, mask, temperature, reduction)
 
 
 # --------------------------------------------------------------------------- registry
@@ -450,29 +359,14 @@ class DivergenceSpec:
         args = ", ".join(f"{k}={v:g}" for k, v in self.params.items())
         return f"{self.name}({args})" if args else self.name
 
-    def __call__(
-        self,
-        student_logits: Tensor,
-        teacher_logits: Tensor,
-        mask: Tensor | None = None,
-        temperature: float = 1.0,
-        reduction: str = "mean",
-    ) -> Tensor:
+    def __call__(self, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None,
+                 temperature: float = 1.0, reduction: str = "mean") -> Tensor:
         """The divergence's value: see the function in :data:`DIVERGENCES` it names."""
-        return DIVERGENCES[self.name](
-            student_logits, teacher_logits, mask, temperature, reduction, **self.params
-        )
+        return DIVERGENCES[self.name](student_logits, teacher_logits, mask, temperature, reduction, **self.params)
 
 
-def divergence(
-    name: str,
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mask: Tensor | None = None,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-    **params: float,
-) -> Tensor:
+def divergence(name: str, student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None,
+               temperature: float = 1.0, reduction: str = "mean", **params: float) -> Tensor:
     """``DivergenceSpec(name, **params)(student_logits, teacher_logits, mask, temperature, reduction)``.
 
     Args:

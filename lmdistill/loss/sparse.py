@@ -110,17 +110,9 @@ def check_sparse_targets(targets: SparseTargets, batch_seq: tuple[int, ...] | to
             raise ValueError("tail samples with k equal to the vocabulary: there is no tail to sample")
 
 
-def sparse_kl_divergence(
-    student_logits: Tensor,
-    teacher_values: Tensor,
-    teacher_indices: Tensor,
-    teacher_lse: Tensor,
-    mask: Tensor | None = None,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-    tail_indices: Tensor | None = None,
-    tail_values: Tensor | None = None,
-) -> Tensor:
+def sparse_kl_divergence(student_logits: Tensor, teacher_values: Tensor, teacher_indices: Tensor, teacher_lse: Tensor,
+                         mask: Tensor | None = None, temperature: float = 1.0, reduction: str = "mean",
+                         tail_indices: Tensor | None = None, tail_values: Tensor | None = None) -> Tensor:
     """Forward KL(teacher || student) per position from top-k teacher logits and the tail (bucket or samples).
 
     Args:

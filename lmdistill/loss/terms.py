@@ -114,13 +114,8 @@ def _reduce(per_pos: Tensor, valid: Tensor | None, reduction: str) -> Tensor:
 # --------------------------------------------------------------------------- losses
 
 
-def kl_divergence(
-    student_logits: Tensor,
-    teacher_logits: Tensor,
-    mask: Tensor | None = None,
-    temperature: float = 1.0,
-    reduction: str = "mean",
-) -> Tensor:
+def kl_divergence(student_logits: Tensor, teacher_logits: Tensor, mask: Tensor | None = None,
+                  temperature: float = 1.0, reduction: str = "mean") -> Tensor:
     """Forward KL(teacher || student) per position, on logits softened by ``temperature``.
 
     ``sum_v p_t(v) * (log p_t(v) - log p_s(v)) * T**2`` with ``p = softmax(logits / T)``.
@@ -135,6 +130,23 @@ def kl_divergence(
     Returns:
         Scalar tensor, float32 (float64 if either input is float64).
     """
+    return logit_divergence(_forward_kl, student_logits, teacher_logits, mask, temperature, reduction)
+
+
+def _forward_kl(log_p_s: Tensor, log_p_t: Tensor) -> Tensor:
+    p_t = log_p_t.exp()
+    # where: 0 * log 0 is 0, not NaN, for tokens the teacher rules out (-inf logits).
+    kl = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0)
+    return kl.sum(dim=-1)
+
+
+def logit_divergence(per_token: Callable[[Tensor, Tensor], Tensor], student_logits: Tensor, teacher_logits: Tensor,
+                     mask: Tensor | None, temperature: float, reduction: str) -> Tensor:
+    """Checks, chunked upcast and reduction shared by every logit divergence (times ``T**2``).
+
+    ``per_token(log_p_s, log_p_t)`` gets one seq-chunk of log-probabilities on softened
+    logits, ``(batch, chunk, vocab)`` in the compute dtype, and returns ``(batch, chunk)``.
+    """
     _check_same_shape(
         "student_logits", student_logits, "teacher_logits", teacher_logits,
         "teacher and student must share a vocabulary (same tokenizer, same padded size)",
@@ -144,27 +156,18 @@ def kl_divergence(
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     valid = _as_mask(mask, student_logits.shape[:2])
     dtype = _compute_dtype(student_logits, teacher_logits)
-    teacher_logits = teacher_logits.detach()
 
     def chunk(s: Tensor, t: Tensor) -> Tensor:
         log_p_s = F.log_softmax(s.to(dtype) / temperature, dim=-1)
         log_p_t = F.log_softmax(t.to(dtype) / temperature, dim=-1)
-        p_t = log_p_t.exp()
-        # where: 0 * log 0 is 0, not NaN, for tokens the teacher rules out (-inf logits).
-        kl = torch.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0)
-        return kl.sum(dim=-1)
+        return per_token(log_p_s, log_p_t)
 
-    per_pos = _per_position(chunk, student_logits, teacher_logits) * temperature**2
+    per_pos = _per_position(chunk, student_logits, teacher_logits.detach()) * temperature**2
     return _reduce(per_pos, valid, reduction)
 
 
-def causal_lm_loss(
-    student_logits: Tensor,
-    labels: Tensor,
-    mask: Tensor | None = None,
-    reduction: str = "mean",
-    ignore_index: int = -100,
-) -> Tensor:
+def causal_lm_loss(student_logits: Tensor, labels: Tensor, mask: Tensor | None = None, reduction: str = "mean",
+                   ignore_index: int = -100) -> Tensor:
     """Cross-entropy of ``student_logits[:, t]`` against ``labels[:, t]`` (already shifted).
 
     Args:
@@ -201,12 +204,8 @@ def causal_lm_loss(
     return _reduce(per_pos, valid, reduction)
 
 
-def cosine_loss(
-    student_hidden: Tensor,
-    teacher_hidden: Tensor,
-    mask: Tensor | None = None,
-    reduction: str = "mean",
-) -> Tensor:
+def cosine_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | None = None,
+                reduction: str = "mean") -> Tensor:
     """``1 - cosine_similarity`` over the hidden dim, per position (0 when aligned, 2 opposite).
 
     Args:
@@ -223,22 +222,11 @@ def cosine_loss(
     )
 
 
-def mse_loss(
-    student_hidden: Tensor,
-    teacher_hidden: Tensor,
-    mask: Tensor | None = None,
-    reduction: str = "mean",
-) -> Tensor:
+def mse_loss(student_hidden: Tensor, teacher_hidden: Tensor, mask: Tensor | None = None,
+             reduction: str = "mean") -> Tensor:
     """Squared difference averaged over the hidden dim, per position (so per-token like the rest).
 
-    Args:
-        student_hidden: ``(batch, seq, dim)``.
-        teacher_hidden: ``(batch, seq, dim)``; detached.
-        mask: ``(batch, seq)`` bool or 0/1; None = all.
-        reduction: ``"mean"`` or ``"sum"``.
-
-    Returns:
-        Scalar tensor, float32 (float64 if either input is float64).
+    Args and returns: as :func:`cosine_loss`.
     """
     return _hidden_state_loss(
         lambda s, t: (s - t).square().mean(dim=-1), student_hidden, teacher_hidden, mask, reduction
