@@ -139,7 +139,7 @@ class LossConfig:
     kl: float = 5.0
     """Weight of the logit term: the divergence below between teacher and student on softened logits (times T^2)."""
     divergence: str = "forward_kl"
-    """Logit divergence: forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl or tv (docs/divergences.md)."""
+    """Logit divergence: forward_kl, reverse_kl, jsd, skew_kl, skew_reverse_kl or tv (docs/divergences.md); metrics.jsonl logs the term under its name (forward_kl's as kl)."""
     jsd_beta: float | None = None
     """jsd only: weight of the teacher in the mixture, in [0, 1] (default 0.5; 0 = forward KL, 1 = reverse KL)."""
     skew_alpha: float | None = None
