@@ -77,6 +77,12 @@ DATA_STRATEGIES = ("importance", "search")
 LAYER_STRATEGIES = ("auto", *STATIC_STRATEGIES, *DATA_STRATEGIES)
 SEARCH_OBJECTIVES = ("kl", "ce")
 
+# The logit divergences (loss.divergence; lmdistill/loss/divergences.py implements them) and,
+# for those that take one, their parameter and its default (range [0, 1]).
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_kl", "skew_reverse_kl", "tv")
+DIVERGENCE_PARAMS: dict[str, tuple[str, float]] = {"jsd": ("beta", 0.5), "skew_kl": ("alpha", 0.1),
+                                                   "skew_reverse_kl": ("alpha", 0.1)}
+
 
 @dataclass
 class ModelConfig:
@@ -179,11 +185,12 @@ class LossConfig:
                f"applies to loss.divergence=jsd only (it is {self.divergence}); remove it")
         _check(self.skew_alpha is None or self.divergence in ("skew_kl", "skew_reverse_kl"), "loss.skew_alpha",
                f"applies to loss.divergence=skew_kl or skew_reverse_kl only (it is {self.divergence}); remove it")
-        try:
-            self.divergence_spec()
-        except ValueError as err:
-            field = {"jsd": "loss.jsd_beta", "skew_kl": "loss.skew_alpha", "skew_reverse_kl": "loss.skew_alpha"}
-            raise ConfigError(f"config value {field.get(self.divergence, 'loss.divergence')}: {err}") from None
+        _check(self.divergence in DIVERGENCES, "loss.divergence",
+               f"{self.divergence!r} is not one of {', '.join(DIVERGENCES)}")
+        for name in ("jsd_beta", "skew_alpha"):
+            value = getattr(self, name)
+            _check(value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool)
+                                     and 0.0 <= value <= 1.0), f"loss.{name}", f"{value!r} must be a number in [0, 1]")
         if self.align_layers is not None:
             _check(len(self.align_layers) > 0 and all(i >= 0 for i in self.align_layers), "loss.align_layers",
                    "must list student layer indices >= 0 (or be empty: null for the default)")
@@ -194,12 +201,6 @@ class LossConfig:
                f"use a temperature such as 2 (DistilGPT2's)")
         _check(self.kl * self.temperature**2 <= FLOAT32_MAX, "loss.kl",
                f"loss.kl * loss.temperature^2 = {self.kl * self.temperature**2:g} overflows float32; lower loss.kl")
-
-    def divergence_spec(self):
-        """The logit divergence as a callable :class:`lmdistill.loss.divergences.DivergenceSpec`."""
-        from .loss.divergences import DivergenceSpec
-
-        return DivergenceSpec(self.divergence, beta=self.jsd_beta, alpha=self.skew_alpha)
 
     def active_terms(self) -> list[str]:
         """The weight fields > 0, in the order of :attr:`WEIGHTS`."""

@@ -7,7 +7,8 @@ import torch
 
 from lmdistill.train.rundir import read_metrics
 from lmdistill.config import ConfigError, LossConfig
-from lmdistill.loss.terms import distillation_loss, layer_alignment_loss
+from lmdistill.loss.terms import layer_alignment_loss
+from lmdistill.loss.weighted import distillation_loss
 from lmdistill.student.build import build_student
 from lmdistill.train.plan import aligned_layers
 from lmdistill.train.run import run_training

@@ -242,10 +242,15 @@ def test_override_type_errors_name_the_field(override, field):
     ("loss.align_mse=1e-45", "loss.align_mse"),
     ("loss.temperature=1e-30", "loss.temperature"),
     ("loss.temperature=1e3", "loss.temperature"),
+    ("loss.divergence=kl", "loss.divergence"),
+    (["loss.divergence=jsd", "loss.jsd_beta=1.5"], "loss.jsd_beta"),
+    (["loss.divergence=skew_kl", "loss.skew_alpha=-0.1"], "loss.skew_alpha"),
+    (["loss.divergence=skew_reverse_kl", "loss.skew_alpha=nan"], "loss.skew_alpha"),
+    (["loss.divergence=jsd", "loss.jsd_beta=true"], "loss.jsd_beta"),
 ])
 def test_out_of_range_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
-        load_config(None, BUDGET + [override])
+        load_config(None, BUDGET + (override if isinstance(override, list) else [override]))
 
 
 @pytest.mark.parametrize("override, field, value", [

@@ -18,6 +18,7 @@ from lmdistill.evaluate.results import format_eval
 from lmdistill.measure.bench import format_bench
 from lmdistill.report.plots import DPI, FIGSIZE, plot_metrics
 from lmdistill.report.results import format_demo, upgrade_demo
+from lmdistill.report.run import term_weight
 from lmdistill.report.write import write_report
 from lmdistill.train.run import run_training
 
@@ -321,3 +322,16 @@ def test_real_finished_run(real_runs):
     assert "at step 6 (384 tokens)" in report
     assert "model:\n  teacher:" in section(report, "Configuration")
     check_plots(run)
+
+
+def test_a_logit_term_named_after_its_divergence_is_reported_and_weighted_by_loss_kl(tmp_path):
+    run = make_run(tmp_path / "run")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        if "kl" in row:
+            row["jsd"] = row.pop("kl")  # what a loss.divergence=jsd run logs
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    report = write_report(run).read_text()
+    last = rows[-2] if "val_ppl" in rows[-1] else rows[-1]
+    assert f"(jsd {last['jsd']:.4g}, ce " in report
+    assert term_weight("jsd", {"kl": 5.0, "ce": 2.0}) == 5.0 and term_weight("ce", {"kl": 5.0, "ce": 2.0}) == 2.0

@@ -16,10 +16,10 @@ from lmdistill.loss.terms import (
     LossOutput,
     causal_lm_loss,
     cosine_loss,
-    distillation_loss,
     kl_divergence,
     mse_loss,
 )
+from lmdistill.loss.weighted import distillation_loss
 
 B, S, V, D = 3, 6, 17, 8
 

@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..config import LossConfig
+from ..config import DIVERGENCE_PARAMS, LossConfig
 from .terms import kl_divergence, logit_divergence
 
 __all__ = [
@@ -273,14 +273,8 @@ DIVERGENCES: dict[str, DivergenceFn] = {
     "tv": total_variation,
 }
 """Name -> function; each takes ``(student_logits, teacher_logits, mask, temperature,
-reduction)`` plus, keyword-only, the parameter listed in :data:`DIVERGENCE_PARAMS`."""
-
-DIVERGENCE_PARAMS: dict[str, tuple[str, float]] = {
-    "jsd": ("beta", 0.5),
-    "skew_kl": ("alpha", 0.1),
-    "skew_reverse_kl": ("alpha", 0.1),
-}
-"""Name -> (parameter, default) for the divergences that take one; its range is [0, 1]."""
+reduction)`` plus, keyword-only, the parameter listed in :data:`DIVERGENCE_PARAMS`
+(``lmdistill.config``, where the recipe's checks read the names and parameters too)."""
 
 
 _PARAM_NAMES = ("beta", "alpha")
@@ -297,6 +291,11 @@ def _takes(name: str) -> str:
         return "takes no parameter"
     param, default = DIVERGENCE_PARAMS[name]
     return f"takes only {param} in [0, 1] (default {default})"
+
+
+def divergence_of(loss: LossConfig) -> DivergenceSpec:
+    """The logit divergence a recipe's ``loss`` section asks for."""
+    return DivergenceSpec(loss.divergence, beta=loss.jsd_beta, alpha=loss.skew_alpha)
 
 
 def logit_term_name(divergence: str) -> str:

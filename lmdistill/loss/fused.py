@@ -51,7 +51,6 @@ or no student input requires grad) only the values are computed.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor

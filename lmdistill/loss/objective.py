@@ -13,7 +13,7 @@ from transformers import PreTrainedModel
 from ..config import LossConfig
 from .fused import chunked_logit_losses
 from .sparse import SparseTargets, sparse_kl_divergence
-from .terms import distillation_loss
+from .weighted import distillation_loss
 
 
 def forward_model(model: PreTrainedModel, input_ids: torch.Tensor, want_hidden: bool, fused: bool):

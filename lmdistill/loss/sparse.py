@@ -138,7 +138,7 @@ def sparse_kl_divergence(student_logits: Tensor, teacher_values: Tensor, teacher
     _check_reduction(reduction)
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
-    batch_seq, vocab, k = student_logits.shape[:2], student_logits.shape[-1], teacher_values.shape[-1]
+    batch_seq, vocab = student_logits.shape[:2], student_logits.shape[-1]
     targets = SparseTargets(teacher_values, teacher_indices, teacher_lse, temperature, tail_indices, tail_values)
     check_sparse_targets(targets, batch_seq, vocab)
     valid = _as_mask(mask, batch_seq)

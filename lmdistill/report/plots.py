@@ -10,7 +10,7 @@ from typing import Any
 
 from ..atomic import FILE_MODE
 from ..markdown import finite
-from .run import LOSS_TERMS, split_rows
+from .run import LOSS_TERMS, split_rows, term_weight
 
 FIGSIZE = (7.0, 4.0)
 DPI = 120
@@ -139,7 +139,7 @@ def plot_metrics(rows: list[dict[str, Any]], out_dir: Path, run_name: str | None
         for term in LOSS_TERMS:
             xs, ys = _series(train, "step", term)
             if xs:
-                weight = loss_cfg.get(term)
+                weight = term_weight(term, loss_cfg)
                 _plot_lines(ax, xs, ys, term + (f" \u00d7{weight:g}" if finite(weight) else ""))
                 plotted += ys
         if _wide_range(plotted):

@@ -8,12 +8,18 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+from ..loss.divergences import LOGIT_TERMS, TERM_NAMES
 from ..markdown import finite
 from ..train.rundir import RunDir
 
 IN_PROGRESS_SECONDS = 300  # metrics written more recently than this: the run is probably still going
 THROUGHPUT_WINDOW = 50  # steps over which the report's tokens/s is measured
-LOSS_TERMS = ("kl", "ce", "cos", "mse")
+LOSS_TERMS = TERM_NAMES  # every name a loss term is logged under (the logit term's: its divergence's)
+
+
+def term_weight(term: str, loss_config: dict[str, Any]) -> Any:
+    """The recipe's weight of a logged term (the logit term's, whatever its divergence, is loss.kl)."""
+    return loss_config.get("kl" if term in LOGIT_TERMS else term)
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
