@@ -161,7 +161,8 @@ def test_checkpoints_are_complete_and_pruned(workspace, tmp_path):
     latest = RunDir(tmp_path / "run").latest_checkpoint()
     assert latest.name == "step_000004"
     assert (latest / "student" / "model.safetensors").is_file() and (latest / "trainer_state.pt").is_file()
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["step"] == 4
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert (summary["kind"], summary["version"], summary["step"], summary["finished"]) == ("run", 1, 4, True)
 
 
 def test_importance_strategy_keeps_the_most_influential_layers(workspace, tmp_path):

@@ -108,7 +108,7 @@ def train(run: RunDir, config: RunConfig, resume: bool, stop_at_step: int | None
         print(f"[lmdistill] stopped at step {done.step}; checkpoint written. "
               f"Continue with: lmdistill distill --resume {run.root}"
               + (" (under torchrun, with the same launch command)" if ranks.enabled else ""))
-        return {"run_dir": str(run.root), "step": done.step, "tokens_seen": done.tokens_seen, "finished": False}
+        return run_summary(run, done, finished=False)
     return finish(loop, watch)
 
 
@@ -270,11 +270,8 @@ def finish(loop: Loop, watch: ValidationWatch) -> dict[str, Any]:
     watch.see(done.step, final_val["val_ppl"])
     save(loop)
     save_student(setup, run, run.student)
-    summary = {
-        "run_dir": str(run.root), "step": done.step, "tokens_seen": done.tokens_seen, "finished": True,
-        "train_seconds": round(done.elapsed, 1), "val_ppl": final_val["val_ppl"],
-        "student_parameters": count_parameters(setup.student),
-    }
+    summary = run_summary(run, done, finished=True, train_seconds=round(done.elapsed, 1),
+                          val_ppl=final_val["val_ppl"], student_parameters=count_parameters(setup.student))
     if ranks.enabled:
         summary["world_size"] = ranks.world_size
     if watch.warnings:
@@ -287,6 +284,13 @@ def finish(loop: Loop, watch: ValidationWatch) -> dict[str, Any]:
           f"{final_val['val_ppl']:.2f}{' (diverged: see the warning above)' if watch.warnings else ''}; student saved "
           f"to {run.student}")
     return summary
+
+
+def run_summary(run: RunDir, done: Progress, finished: bool, **measured: Any) -> dict[str, Any]:
+    """A run's summary (``summary.json`` once finished; what run_training returns): where the
+    run is, how far it got, and, when finished, the final measurements."""
+    return {"kind": "run", "version": 1, "run_dir": str(run.root), "step": done.step,
+            "tokens_seen": done.tokens_seen, "finished": finished, **measured}
 
 
 def save_student(setup: Setup, run: RunDir, out_dir: Path) -> None:
