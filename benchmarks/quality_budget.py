@@ -1,37 +1,23 @@
 """Quality per budget: test perplexity of the demo pair against training tokens or minutes, for named variants.
 
-Run from the repository root (docs/quality_budget.md has the commands and the protocols):
+Run from the repository root; docs/quality_budget.md describes the options and protocols:
 
     PYTHONPATH=. python benchmarks/quality_budget.py --out runs/quality_budget
-    PYTHONPATH=. python benchmarks/quality_budget.py --variants importance-kd,width-mlp,mixed-20 --minutes 30
+    PYTHONPATH=. python benchmarks/quality_budget.py --minutes 30 --variants importance-kd,width-mlp,mixed-20
     PYTHONPATH=. python benchmarks/quality_budget.py --protocol loco --minutes 30 --variants importance-kd \\
         --variant mine=loss.temperature=1.0,train.lr=2e-3
 
-Every variant is the bundled ``smollm2-demo`` recipe (SmolLM2-135M teacher -> 15-layer
-importance cut, 81.4M parameters, batch 4 x 256 tokens, lr 1e-3 cosine, 5 KL(T=2) + 2 CE +
-1 cos, clipping at 5) with a budget of training tokens (``--tokens``) or of training minutes
-(``--minutes``, as ``train.max_minutes``: time in optimiser steps, so evaluation and
-checkpoints do not eat it), plus a named list of ``section.field=value`` overrides: the
-``VARIANTS`` table below, or ``--variant NAME=OVERRIDE,OVERRIDE`` for an ad-hoc one.
-
-Curve points: with ``--tokens`` at ``--points`` evenly spaced steps; with ``--minutes`` every
-``--curve-every`` steps and at the end (the number of steps a time budget allows is not known
-in advance). At each point the run stops with a checkpoint (then resumes exactly) and the
-student is scored on the first ``--eval-tokens`` tokens of each bundled corpus's test split
-(disjoint 512-token windows, token-level perplexity); the teacher is scored once the same way.
-
-Protocols: ``in-domain`` trains on the recipe's data (all three bundled corpora) and reports
-student / teacher perplexity per corpus. ``loco`` (leave one corpus out) trains each variant
-once per held-out corpus (``--holdout``, default all three) on the other two
-(``data.sources=[corpus:A,corpus:B]``) and reports the ratio on the held-out test split
-beside the ratios on the two training corpora's test splits (same student).
-
-A variant that fails (an unknown field, a bad value, a crash) is printed with its error and
-recorded as failed; the others go on, and a rerun retries it. ``model.teacher_cache=@cache``
-builds a stored teacher cache for the variant's data once (``OUT/teacher_cache/KEY``) and
-trains from it. Results go to ``OUT/results.json`` after every variant (a rerun skips
-finished variants and restarts an unfinished one), then ``OUT/quality_budget.md`` (table) and
-``OUT/quality_budget.png`` (plot).
+Each run is the bundled ``smollm2-demo`` recipe with a budget of training tokens (``--tokens``)
+or minutes (``--minutes``, as ``train.max_minutes``: time in optimiser steps) plus a variant's
+``section.field=value`` overrides (``VARIANTS``, or ``--variant NAME=OVERRIDE,OVERRIDE``). It
+stops at each curve point (``--points`` evenly spaced steps for tokens, every
+``--curve-every`` steps and the end for minutes) with a checkpoint, is scored on the first
+``--eval-tokens`` tokens of each bundled test split, and resumes exactly. ``--protocol loco``
+trains each variant once per held-out corpus on the other two and reports the held-out ratio
+beside the in-domain ones. A failing variant is printed and recorded, the others go on.
+``model.teacher_cache=@cache`` builds a teacher cache of the run's data once. Results:
+``OUT/results.json`` (after every run; a rerun skips finished runs and retries failed ones),
+``OUT/quality_budget.md`` and ``OUT/quality_budget.png``.
 """
 
 from __future__ import annotations
@@ -127,9 +113,6 @@ class RunBudget(NamedTuple):
             return f"{self.minutes:g} training minutes (time in optimiser steps)"
         return f"{self.tokens:,} training tokens"
 
-    def flag(self) -> str:
-        return f"--minutes {self.minutes:g}" if self.minutes else f"--tokens {self.tokens}"
-
 
 class Job(NamedTuple):
     """One training run: a variant, and under the loco protocol the corpus it holds out."""
@@ -179,10 +162,6 @@ def choose_variants(names: list[str], ad_hoc: list[str]) -> dict[str, tuple[str,
     return chosen
 
 
-def training_sources(holdout: str, corpora: list[str]) -> list[str]:
-    return [f"corpus:{c}" for c in corpora if c != holdout]
-
-
 def make_jobs(variants: dict[str, tuple[str, list[str]]], holdouts: list[str] | None, corpora: list[str],
               base_overrides: list[str]) -> list[Job]:
     """In-domain: one job per variant; loco: one per (variant, held-out corpus), trained on the
@@ -192,7 +171,7 @@ def make_jobs(variants: dict[str, tuple[str, list[str]]], holdouts: list[str] | 
     prepared = [o.partition("=")[2] for o in base_overrides if o.startswith("data.prepared_dir=")]
     jobs = []
     for held in holdouts:
-        data = [f"data.sources=[{','.join(training_sources(held, corpora))}]"]
+        data = [f"data.sources=[{','.join(f'corpus:{c}' for c in corpora if c != held)}]"]
         data += [f"data.prepared_dir={prepared[-1]}/without-{held}"] if prepared else []
         jobs += [Job(f"{name}--holdout-{held}", name, desc, [*overrides, *data], held)
                  for name, (desc, overrides) in variants.items()]
@@ -317,14 +296,10 @@ def geomean(values: list[float]) -> float:
     return math.exp(sum(math.log(v) for v in values) / len(values))
 
 
-def point_ratios(perplexity: dict[str, float], teacher: dict[str, float]) -> dict[str, float]:
-    return {c: perplexity[c] / teacher[c] for c in teacher}
-
-
 def summarise(row: dict[str, Any], teacher: dict[str, float]) -> dict[str, Any]:
     """Final student / teacher ratios of a row: per corpus, in-domain (the corpora it trained
     on, or all under in-domain) geomean, and the held-out corpus's ratio under loco."""
-    per = point_ratios(row["curve"][-1]["perplexity"], teacher)
+    per = {c: row["curve"][-1]["perplexity"][c] / teacher[c] for c in teacher}
     in_domain = [c for c in teacher if c != row["holdout"]]
     summary = {"per_corpus": per, "in_domain_geomean": geomean([per[c] for c in in_domain])}
     if row["holdout"]:
@@ -433,7 +408,7 @@ def start_results(path: Path, setup: dict[str, Any]) -> dict[str, Any]:
 
 def run_grid(out: Path, variants: dict[str, tuple[str, list[str]]], budget: RunBudget, points: int = 5,
              eval_tokens: int = 16_384, base_overrides: list[str] | None = None, corpora: list[str] | None = None,
-             holdouts: list[str] | None = None, curve_every: int = 100) -> dict[str, Any]:
+             holdouts: list[str] | None = None, curve_every: int = 100, with_plot: bool = True) -> dict[str, Any]:
     """Train and score each job (skipping finished ones); write results, table and plot.
     ``holdouts`` None is the in-domain protocol; a list of corpora is leave-one-corpus-out."""
     import torch
@@ -476,10 +451,12 @@ def run_grid(out: Path, variants: dict[str, tuple[str, list[str]]], budget: RunB
     write_text_atomic(results_path, json.dumps(results, indent=2) + "\n")
     table = format_table(results)
     write_text_atomic(out / "quality_budget.md", table)
-    if any("error" not in r for r in results["variants"].values()):
+    written = [results_path, out / "quality_budget.md"]
+    if with_plot and any("error" not in r for r in results["variants"].values()):
         plot(results, out / "quality_budget.png")
+        written.append(out / "quality_budget.png")
     print(table)
-    print(f"wrote {results_path}, {out / 'quality_budget.md'} and {out / 'quality_budget.png'}")
+    print("wrote " + ", ".join(map(str, written)))
     return results
 
 
@@ -501,6 +478,7 @@ def main() -> None:
                         help="loco: leave one corpus out (train on the others, score the held-out test split)")
     parser.add_argument("--holdout", default=",".join(CORPORA), help="loco: comma-separated corpora to hold out in turn")
     parser.add_argument("--eval-tokens", type=int, default=16_384, help="test tokens scored per corpus")
+    parser.add_argument("--no-plot", action="store_true", help="skip OUT/quality_budget.png (matplotlib)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="extra override for every run (e.g. train.threads=2)")
     args = parser.parse_args()
@@ -512,7 +490,8 @@ def main() -> None:
         parser.error("no variant chosen: name some with --variants or define one with --variant")
     holdouts = [h for h in args.holdout.split(",") if h] if args.protocol == "loco" else None
     run_grid(args.out, chosen, RunBudget(minutes=args.minutes) if args.minutes else RunBudget(args.tokens or 100_000),
-             args.points, args.eval_tokens, args.set, holdouts=holdouts, curve_every=args.curve_every)
+             args.points, args.eval_tokens, args.set, holdouts=holdouts, curve_every=args.curve_every,
+             with_plot=not args.no_plot)
 
 
 if __name__ == "__main__":
