@@ -485,7 +485,10 @@ def main() -> None:
     if args.curve_every < 1 or (args.tokens is not None and args.tokens < 1) or (args.minutes is not None
                                                                                  and args.minutes <= 0):
         parser.error("--tokens, --minutes and --curve-every must be positive")
-    chosen = choose_variants([v for v in args.variants.split(",") if v], args.variant)
+    try:
+        chosen = choose_variants([v for v in args.variants.split(",") if v], args.variant)
+    except VariantError as err:
+        parser.error(str(err))
     if not chosen:
         parser.error("no variant chosen: name some with --variants or define one with --variant")
     holdouts = [h for h in args.holdout.split(",") if h] if args.protocol == "loco" else None
