@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import json
 import math
+import re
 import shutil
 import time
 import traceback
@@ -54,15 +55,14 @@ WINDOW = 512
 CACHE_OVERRIDE = "model.teacher_cache=@cache"
 CACHE_TOP_K = 64
 
-# name -> (what differs from the demo recipe, overrides). The shapes keep about the demo
-# student's 81.4M parameters of SmolLM2-135M (30 layers of 3.54M: attention 0.88M, MLP
-# 3 x 576 x 1536 = 2.65M; tied 28.3M embedding): 15 full layers; 30 layers with an MLP of 512;
-# 30 layers of 6 heads (2 key/value) and an MLP of 680; 20 layers with an MLP of 1,024; 24
-# with 768. The table prints each student's count.
+# name -> (what differs from the demo recipe, overrides). The shapes keep about the demo student's
+# 81.4M parameters of SmolLM2-135M (layers of 0.88M attention + 2.65M MLP, 28.3M tied embedding);
+# docs/quality_budget.md has the arithmetic, and the table prints each student's count.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "every-other-kd": ("depth: every other layer", ["model.strategy=every-other"]),
     "importance-kd": ("the demo recipe: depth, 15 most influential layers", ["model.strategy=importance"]),
-    "search-kd": ("depth: greedy search (KL, 1,024 tokens)", ["model.strategy=search", "model.calibration_tokens=1024"]),
+    "search-kd": ("depth: greedy search (KL, 1,024 tokens)",
+                  ["model.strategy=search", "model.calibration_tokens=1024"]),
     "importance-kd-align": ("+ all-layer cosine", ["model.strategy=importance", "loss.align_cos=1.0"]),
     "importance-ce": ("CE only (the baseline KD must beat)", ["model.strategy=importance", "loss.kl=0", "loss.cos=0",
                                                               "loss.ce=1.0"]),
@@ -126,15 +126,8 @@ class Job(NamedTuple):
 
 def split_overrides(text: str) -> list[str]:
     """``a.b=1,c.d=[x,y]`` -> ``['a.b=1', 'c.d=[x,y]']``: commas inside brackets belong to a list value."""
-    parts, depth, current = [], 0, ""
-    for char in text:
-        depth += {"[": 1, "]": -1}.get(char, 0)
-        if char == "," and depth == 0:
-            parts.append(current)
-            current = ""
-        else:
-            current += char
-    return [p.strip() for p in [*parts, current] if p.strip()]
+    # a comma splits unless a "]" comes before the next "[" (it is then inside a list)
+    return [part.strip() for part in re.split(r",(?![^\[]*\])", text) if part.strip()]
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -157,7 +150,8 @@ def choose_variants(names: list[str], ad_hoc: list[str]) -> dict[str, tuple[str,
     for text in ad_hoc:
         name, overrides = parse_variant(text)
         if name in chosen:
-            raise VariantError(f"--variant {name} is already chosen (a registry name or a repeat); give it another name")
+            raise VariantError(f"--variant {name} is already chosen (a registry name or a repeat); "
+                               f"give it another name")
         chosen[name] = ("ad hoc: " + " ".join(overrides), overrides)
     return chosen
 
@@ -251,6 +245,8 @@ def run_job(job: Job, out: Path, budget: RunBudget, points: int, curve_every: in
         eval_seconds += time.perf_counter() - t0
         seen = max([r["tokens_seen"] for r in read_metrics(run.metrics) if r.get("step") == step] or [0])
         curve.append({"step": step, "tokens_seen": seen, "perplexity": ppl})
+        if step == 0:
+            print(f"[{job.key}] student: {parameters:,} parameters", flush=True)
         print(f"[{job.key}] step {step} ({seen:,} tokens): " + ", ".join(f"{c} {p:,.1f}" for c, p in ppl.items()),
               flush=True)
 
@@ -300,11 +296,8 @@ def summarise(row: dict[str, Any], teacher: dict[str, float]) -> dict[str, Any]:
     """Final student / teacher ratios of a row: per corpus, in-domain (the corpora it trained
     on, or all under in-domain) geomean, and the held-out corpus's ratio under loco."""
     per = {c: row["curve"][-1]["perplexity"][c] / teacher[c] for c in teacher}
-    in_domain = [c for c in teacher if c != row["holdout"]]
-    summary = {"per_corpus": per, "in_domain_geomean": geomean([per[c] for c in in_domain])}
-    if row["holdout"]:
-        summary["held_out"] = per[row["holdout"]]
-    return summary
+    summary = {"per_corpus": per, "in_domain_geomean": geomean([per[c] for c in teacher if c != row["holdout"]])}
+    return {**summary, "held_out": per[row["holdout"]]} if row["holdout"] else summary
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -335,7 +328,8 @@ def format_table(results: dict[str, Any]) -> str:
                          + f" | {s['in_domain_geomean']:.2f} |")
         else:
             lines.append(cells + " | ".join(f"{final[c]:,.1f}" for c in corpora) + " | "
-                         + " / ".join(f"{s['per_corpus'][c]:.2f}" for c in corpora) + f" | {s['in_domain_geomean']:.2f} |")
+                         + " / ".join(f"{s['per_corpus'][c]:.2f}" for c in corpora)
+                         + f" | {s['in_domain_geomean']:.2f} |")
     if loco:
         lines += ["", f"Teacher perplexity: " + ", ".join(f"{c} {teacher[c]:.1f}" for c in corpora)
                   + f" ({results['teacher']['parameters']:,} parameters).", "",
@@ -389,11 +383,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def describe_protocol(name: str, holdouts: list[str] | None, corpora: list[str]) -> str:
-    if name == "loco":
-        return ("leave one corpus out: for each held-out corpus (" + ", ".join(holdouts or [])
-                + f") the student trains on the other{'s' if len(corpora) > 2 else ''} of {', '.join(corpora)} "
-                  "and is scored on every test split; the held-out ratio is out of domain, the others in domain")
+def describe_protocol(loco: bool, corpora: list[str]) -> str:
+    if loco:
+        return (f"leave one corpus out: each run holds out one of {', '.join(corpora)} (column 'held out'), trains "
+                "on the others' training splits only (data.sources) and is scored on every test split; the "
+                "held-out ratio is out of domain, the others in domain (the same student)")
     return "in-domain: every student trains on the recipe's data and is scored on each corpus's test split"
 
 
@@ -421,8 +415,8 @@ def run_grid(out: Path, variants: dict[str, tuple[str, list[str]]], budget: RunB
     base_overrides = base_overrides or []
     out.mkdir(parents=True, exist_ok=True)
     tasks = eval_tasks(eval_tokens, corpora)
-    protocol = {"name": "loco" if holdouts is not None else "in-domain", "holdouts": holdouts,
-                "describe": describe_protocol("loco" if holdouts is not None else "", holdouts, corpora),
+    protocol = {"name": "loco" if holdouts is not None else "in-domain",
+                "describe": describe_protocol(holdouts is not None, corpora),
                 "evaluation": tasks[0].protocol_.describe() + " on each corpus's test split"}
     results_path = out / "results.json"
     results = start_results(results_path, {
@@ -441,7 +435,7 @@ def run_grid(out: Path, variants: dict[str, tuple[str, list[str]]], budget: RunB
             continue
         try:
             row = run_job(job, out, budget, points, curve_every, tasks, corpora, tokenizer, base_overrides)
-        except Exception as err:  # noqa: BLE001 - one variant's failure (often a field not there yet) must not stop the grid
+        except Exception as err:  # noqa: BLE001 - one failure (often a field not there yet) must not stop the grid
             traceback.print_exc()
             row = {"name": job.key, "variant": job.variant, "overrides": job.overrides, "holdout": job.holdout,
                    "error": f"{type(err).__name__}: {err}"}
@@ -476,7 +470,8 @@ def main() -> None:
     parser.add_argument("--curve-every", type=int, default=100, help="with --minutes: evaluate every this many steps")
     parser.add_argument("--protocol", choices=["in-domain", "loco"], default="in-domain",
                         help="loco: leave one corpus out (train on the others, score the held-out test split)")
-    parser.add_argument("--holdout", default=",".join(CORPORA), help="loco: comma-separated corpora to hold out in turn")
+    parser.add_argument("--holdout", default=",".join(CORPORA),
+                        help="loco: comma-separated corpora to hold out in turn")
     parser.add_argument("--eval-tokens", type=int, default=16_384, help="test tokens scored per corpus")
     parser.add_argument("--no-plot", action="store_true", help="skip OUT/quality_budget.png (matplotlib)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
