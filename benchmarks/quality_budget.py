@@ -38,6 +38,7 @@ from lmdistill.cli.args import DEFAULT_TAIL_SAMPLES
 from lmdistill.config import load_config
 from lmdistill.data.corpora import CORPORA
 from lmdistill.data.prepare import prepare
+from lmdistill.errors import LmdistillError
 from lmdistill.evaluate.runner import evaluate_loaded
 from lmdistill.evaluate.tasks import PerplexityTask
 from lmdistill.models.arch import count_parameters
@@ -388,7 +389,8 @@ def describe_protocol(loco: bool, corpora: list[str]) -> str:
         return (f"leave one corpus out: each run holds out one of {', '.join(corpora)} (column 'held out'), trains "
                 "on the others' training splits only (data.sources) and is scored on every test split; the "
                 "held-out ratio is out of domain, the others in domain (the same student)")
-    return "in-domain: every student trains on the recipe's data and is scored on each corpus's test split"
+    return ("in-domain: every student trains on the same data (data.sources: the recipe's corpus:all unless --set "
+            "changes it) and is scored on each corpus's test split")
 
 
 def start_results(path: Path, setup: dict[str, Any]) -> dict[str, Any]:
@@ -436,7 +438,8 @@ def run_grid(out: Path, variants: dict[str, tuple[str, list[str]]], budget: RunB
         try:
             row = run_job(job, out, budget, points, curve_every, tasks, corpora, tokenizer, base_overrides)
         except Exception as err:  # noqa: BLE001 - one failure (often a field not there yet) must not stop the grid
-            traceback.print_exc()
+            if not isinstance(err, LmdistillError):  # a bug, not a bad setting: keep where it happened
+                traceback.print_exc()
             row = {"name": job.key, "variant": job.variant, "overrides": job.overrides, "holdout": job.holdout,
                    "error": f"{type(err).__name__}: {err}"}
             print(f"[{job.key}] failed, skipped: {row['error']}", flush=True)

@@ -100,11 +100,18 @@ def test_minutes_budget_ad_hoc_and_failing_variants(qb, base, tmp_path, one_thre
     # The failing variant is reported with its error, kept out of the table's rows, and retried on a rerun.
     broken = results["variants"]["broken"]
     assert "ConfigError" in broken["error"] and "loss.divergence" in broken["error"]
-    assert "[broken] failed, skipped: ConfigError" in capsys.readouterr().out
+    printed = capsys.readouterr()
+    assert "[broken] failed, skipped: ConfigError" in printed.out
+    assert "Traceback" not in printed.err  # a bad setting is one line; only bugs print their traceback
     table = (out / "quality_budget.md").read_text()
     assert "| fast | ad hoc: train.lr=2e-3 model.strategy=first |" in table
     assert "| broken |" not in table and f"- broken: {broken['error']}" in table
     assert "Budget: 0.02 training minutes" in table and not (out / "quality_budget.png").exists()
+    again = qb.run_grid(out, variants, qb.RunBudget(minutes=0.02), eval_tokens=256, base_overrides=base,
+                        corpora=["austen"], curve_every=8, with_plot=False)
+    printed = capsys.readouterr().out
+    assert "[fast] already measured; skipped" in printed and "[broken] failed, skipped" in printed
+    assert again["variants"]["fast"] == fast
 
 
 def test_leave_one_corpus_out(qb, base, tmp_path, one_thread):
