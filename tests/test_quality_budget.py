@@ -155,3 +155,25 @@ def test_variant_arguments(qb):
     assert [(j.key, j.holdout, j.overrides[-1]) for j in jobs] == [
         ("t1--holdout-austen", "austen", "data.sources=[corpus:moby_dick,corpus:sotu]"),
         ("t1--holdout-sotu", "sotu", "data.sources=[corpus:austen,corpus:moby_dick]")]
+
+
+def test_shape_variants_keep_the_demo_students_parameters(qb):
+    """The width and mixed variants of the registry are at about the depth-only student's size
+    (SmolLM2-135M's dimensions, written out: no download; weights on the meta device)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    def parameters(overrides: list[str]) -> int:
+        fields = dict(o.removeprefix("model.").split("=") for o in overrides if o.startswith("model."))
+        config = LlamaConfig(hidden_size=576, intermediate_size=int(fields.get("intermediate_size", 1536)),
+                             num_hidden_layers=int(fields.get("num_layers", 15)),
+                             num_attention_heads=int(fields.get("num_attention_heads", 9)),
+                             num_key_value_heads=int(fields.get("num_key_value_heads", 3)), head_dim=64,
+                             vocab_size=49152, tie_word_embeddings=True)
+        with torch.device("meta"):
+            return count_parameters(LlamaForCausalLM(config))
+
+    depth = parameters(qb.VARIANTS["importance-kd"][1])
+    assert depth == 81_413_568  # the demo student's 81.4M
+    for name in ("width-mlp", "width-heads-mlp", "mixed-20", "mixed-24"):
+        assert abs(parameters(qb.VARIANTS[name][1]) / depth - 1) < 0.002, name
