@@ -16,6 +16,10 @@ from lmdistill.config import ConfigError, load_config
 from lmdistill.data.prepare import prepare
 from lmdistill.models.load import load_model
 from lmdistill.report.write import write_report
+from lmdistill.models.fingerprint import tokenizer_fingerprint
+from lmdistill.teacher_cache.build import build_teacher_cache
+from lmdistill.teacher_cache.format import TeacherCacheError
+from lmdistill.train.plan import plan_run
 from lmdistill.train.rundir import read_metrics
 from lmdistill.train.run import run_training
 
@@ -127,6 +131,25 @@ def test_distill_cuts_the_student_from_the_corrected_teacher_and_resumes_with_it
     assert "## Teacher correction" in report
     assert f"| original | {record['val_ppl_before']:,.2f} |" in report
     assert f"| corrected | {record['val_ppl_after']:,.2f} |" in report
+
+
+def test_a_cache_of_the_uncorrected_teacher_is_refused_for_the_corrected_one(ws, first_correction):
+    _, fixed, _ = first_correction
+    # A few blocks of data are enough: planning checks the cache's header, not its data.
+    splits = ws["root"] / "splits"
+    splits.mkdir()
+    text = ws["text"].read_text()
+    for i, split in enumerate(("train", "validation", "test")):
+        (splits / f"{split}.txt").write_text(text[i * 2000:(i + 1) * 2000])
+    data = prepare(ws["tokenizer"], [str(splits)], ws["root"] / "splits_data")
+    cache = ws["root"] / "uncorrected_cache"
+    build_teacher_cache(load_model(ws["teacher"]), data, cache, top_k=4, temperatures=[2.0], block_size=32,
+                        tokenizer_fingerprint=tokenizer_fingerprint(ws["tokenizer"]), progress=False)
+    folder = getattr(fixed.config, correct.RECORD_KEY)["path"]
+    # The corrected teacher's config.json records the correction, so even its config differs.
+    with pytest.raises(TeacherCacheError, match=r"built from another teacher \(config fingerprint"):
+        plan_run(make_config(ws, f"model.teacher={folder}", f"model.teacher_cache={cache}",
+                             "model.teacher_correction_tokens=0", "loss.cos=0"))
 
 
 @pytest.mark.parametrize("override, field", [

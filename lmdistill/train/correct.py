@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..config import RunConfig
@@ -100,7 +101,7 @@ def corrected_folder(teacher_fingerprint: str, train_fingerprint: str, settings:
 
 def correct_teacher(model: PreTrainedModel, data: PreparedData, settings: CorrectionSettings, eval_tokens: int,
                     device: torch.device) -> dict[str, Any]:
-    """Fine-tune ``model`` in place (float32, on ``device``, left on the CPU in eval mode) and
+    """Fine-tune ``model`` in place (on ``device``, in its dtype; left on the CPU in eval mode) and
     return the record: steps, tokens, learning rate, validation perplexity before and after."""
     validation = data.tokens("validation")
     model.to(device)
@@ -110,12 +111,13 @@ def correct_teacher(model: PreTrainedModel, data: PreparedData, settings: Correc
     sampler = BlockSampler(len(train_tokens), settings.block_size, settings.batch_size, seed=settings.seed)
     model.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, weight_decay=0.0)
-    for step in range(settings.steps):
+    for step in tqdm(range(settings.steps), desc="teacher correction", unit="step", dynamic_ncols=True):
         for group in optimizer.param_groups:
             group["lr"] = settings.lr * lr_factor((step + 1) / settings.steps, WARMUP, "linear", 0.0)
         correction_step(model, optimizer, sampler.next_batch(train_tokens), device, step)
-    model.eval().requires_grad_(False).to("cpu")
-    after, _ = validation_loss(model, validation, settings, eval_tokens, torch.device("cpu"))
+    model.eval().requires_grad_(False)
+    after, _ = validation_loss(model, validation, settings, eval_tokens, device)
+    model.to("cpu")
     return {"tokens": settings.steps * settings.batch_size * settings.block_size, "steps": settings.steps,
             "lr": settings.lr, "val_ppl_before": math.exp(before), "val_ppl_after": math.exp(after),
             "val_tokens": val_tokens}
