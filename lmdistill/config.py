@@ -104,6 +104,11 @@ class ModelConfig:
     """Random student weights with the cut architecture, instead of copied teacher weights."""
     teacher_cache: str | None = None
     """Folder of stored teacher soft targets (lmdistill cache-teacher): the KL term reads them instead of running the teacher, whose weights then load only to cut a new student. Needs loss.divergence=forward_kl, loss.kl > 0, loss.cos/mse/align_cos/align_mse = 0, and the cache's block size, data, tokenizer and a temperature it holds."""
+    # Teacher correction (Minitron, arXiv 2408.11796; lmdistill/train/correct.py).
+    teacher_correction_tokens: int = 0
+    """Fine-tune a copy of the teacher on this many training-split tokens (causal-LM loss) before distilling; the student is then cut from the corrected teacher, which also gives the soft targets. 0: off. Cached in the user cache by (teacher weights, training tokens, settings). Not with model.teacher_cache."""
+    teacher_correction_lr: float = 1e-4
+    """Peak learning rate of the teacher correction (AdamW, no weight decay, 5% warm-up then linear decay to 0, gradient norm clipped at 1, float32, batches of train.batch_size x data.block_size tokens seeded by train.seed)."""
 
     def __post_init__(self) -> None:
         _check(self.strategy in LAYER_STRATEGIES, "model.strategy",
@@ -116,6 +121,20 @@ class ModelConfig:
             _check(all(isinstance(i, int) and i >= 0 for i in self.layers), "model.layers", "must be non-negative integers")
         if self.num_layers is not None:
             _check(self.num_layers >= 1, "model.num_layers", f"{self.num_layers} must be at least 1")
+        self._check_teacher_correction()
+
+    def _check_teacher_correction(self) -> None:
+        tokens, lr = self.teacher_correction_tokens, self.teacher_correction_lr
+        _check(isinstance(tokens, int) and not isinstance(tokens, bool) and tokens >= 0,
+               "model.teacher_correction_tokens", f"{tokens!r} must be a whole number >= 0 (0: no correction)")
+        _check(math.isfinite(lr) and 0 < lr < 1, "model.teacher_correction_lr", f"{lr} must be in (0, 1), e.g. 1e-4")
+        _check_float32(lr, "model.teacher_correction_lr", "1e-4")
+        # A cache holds the targets of the teacher it was built from, and the corrected teacher
+        # exists only once the data is prepared: build the cache from the corrected folder instead.
+        _check(tokens == 0 or self.teacher_cache is None, "model.teacher_correction_tokens",
+               "a teacher cache stores the targets of the uncorrected teacher; run once with the correction to get "
+               "the corrected teacher's folder (printed), build the cache from it (lmdistill cache-teacher), then "
+               "distill with model.teacher=THAT_FOLDER, model.teacher_cache=CACHE and model.teacher_correction_tokens=0")
 
     @classmethod
     def read_field(cls, name: str, value: Any) -> Any:

@@ -16,10 +16,11 @@ from typing import Any
 
 from ..atomic import write_text_atomic
 from ..errors import LmdistillError
-from ..markdown import finite, get, join, number
+from ..markdown import finite, get, join, number, table
+from ..train.correct import RECORD_KEY
 from ..train.rundir import RunDir, read_metrics
 from .plots import PLOT_FILES, PLOT_TITLES, plot_metrics
-from .run import LOSS_TERMS, read_yaml, run_status, split_rows, throughput
+from .run import LOSS_TERMS, read_json, read_yaml, run_status, split_rows, throughput
 from .results import result_sections
 
 __all__ = ["ReportError", "write_report"]
@@ -131,6 +132,23 @@ def _training_section(run: RunDir, config: dict[str, Any]) -> list[str]:
     return out
 
 
+def _correction_section(run: RunDir) -> list[str]:
+    """The original and the corrected teacher side by side, when the student was cut from a
+    corrected teacher (its config.json keeps the correction's record)."""
+    record = next((r for folder in (run.student_init, run.student)
+                   if isinstance(r := get(read_json(folder / "config.json"), RECORD_KEY), dict)), None)
+    if record is None:
+        return []
+    return ["", "## Teacher correction", "",
+            f"Before distilling, the teacher `{record.get('teacher', '?')}` was fine-tuned on "
+            f"{number(record.get('tokens'), ',.0f')} training tokens ({number(record.get('steps'), ',.0f')} steps, "
+            f"peak learning rate {number(record.get('lr'), 'g')}); the student was cut from the corrected teacher, "
+            f"which also gave the soft targets. Corrected teacher: `{record.get('path', '?')}`.", "",
+            *table(["teacher", f"validation perplexity ({number(record.get('val_tokens'), ',.0f')} tokens)"],
+                   [["original", number(record.get("val_ppl_before"))],
+                    ["corrected", number(record.get("val_ppl_after"))]])]
+
+
 def write_report(run_dir: Path, eval_results: dict | None = None, bench_results: dict | None = None) -> Path:
     """Write RUN_DIR/report.md and RUN_DIR/plots/*.png from whatever the run directory holds.
 
@@ -151,6 +169,7 @@ def write_report(run_dir: Path, eval_results: dict | None = None, bench_results:
 
     out = [f"# lmdistill run: `{run.root}`", ""]
     out += _training_section(run, config)
+    out += _correction_section(run)
     out += result_sections(run.root, eval_results, bench_results)
     out += ["", "## Configuration", ""]
     if config_text is not None:

@@ -31,6 +31,7 @@ from ..student.build import check_shared_vocabulary, student_layer_map
 from ..student.cut import CALIBRATION_BLOCK_SIZE, cut_student
 from ..teacher_cache.format import data_fingerprint
 from ..teacher_cache.reader import TeacherCache
+from .correct import corrected_teacher
 from .plan import RunPlan, aligned_layers, plan_run
 
 
@@ -122,6 +123,8 @@ def load_models(plan: RunPlan, data: PreparedData, student_init: Path | None,
     teacher = None
     if cache is None or (student_init is None and config.model.student is None):
         teacher = first(lambda: load_model(config.model.teacher))
+        if config.model.teacher_correction_tokens:  # local rank 0 corrects it (or finds it cached) first
+            teacher = first(lambda: corrected_teacher(teacher, config, plan.tokenizer, data))
         if cache is not None:  # loaded anyway to cut the student: check that the cache is from these weights
             cache.check(teacher_fingerprint=model_fingerprint(teacher), teacher=config.model.teacher)
     if student_init is not None:
