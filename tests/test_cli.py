@@ -150,8 +150,9 @@ def test_init_student_defaults_are_the_model_sections():
     args = vars(parse_arguments(build_parser(), ["init-student", "--teacher", "t", "--out", "s"]))
     defaults = asdict(ModelConfig(teacher="t"))
     shared = set(defaults) & set(args)
-    # Every model field an init-student run uses is an option (student and teacher_cache are distill's).
-    assert shared == set(defaults) - {"student", "teacher_cache"}
+    # Every model field an init-student run uses is an option (a pretrained student, the teacher
+    # cache and the teacher correction, which needs the training data, are distill's).
+    assert shared == set(defaults) - {"student", "teacher_cache", "teacher_correction_tokens", "teacher_correction_lr"}
     assert {name: args[name] for name in shared} == {name: defaults[name] for name in shared}
 
 
