@@ -100,6 +100,13 @@ class ModelConfig:
     """Training tokens on which importance and search measure the teacher's layers."""
     search_objective: str = "kl"
     """What the search keeps low when it removes a layer: kl (to the teacher) or ce (on the calibration tokens)."""
+    # Width pruning (lmdistill/student/width.py), applied after the depth cut; all None: the teacher's widths.
+    intermediate_size: int | None = None
+    """MLP neurons each student layer keeps (its own largest mean |activation| on the calibration tokens); None: the teacher's."""
+    num_attention_heads: int | None = None
+    """Query heads each student layer keeps (largest mean output norm), the same number in every key/value group; a multiple of num_key_value_heads; Llama family only. None: num_key_value_heads times the teacher's heads per group."""
+    num_key_value_heads: int | None = None
+    """Key/value groups each student layer keeps (largest summed head importance); None: the teacher's."""
     random_init: bool = False
     """Random student weights with the cut architecture, instead of copied teacher weights."""
     teacher_cache: str | None = None
@@ -111,11 +118,22 @@ class ModelConfig:
         _check(self.calibration_tokens >= 8, "model.calibration_tokens", f"{self.calibration_tokens} must be at least 8")
         _check(self.search_objective in SEARCH_OBJECTIVES, "model.search_objective",
                f"{self.search_objective!r} is not one of {', '.join(SEARCH_OBJECTIVES)}")
+        self._check_width()
         if self.layers is not None:
             _check(len(self.layers) > 0, "model.layers", "must list at least one teacher layer")
             _check(all(isinstance(i, int) and i >= 0 for i in self.layers), "model.layers", "must be non-negative integers")
         if self.num_layers is not None:
             _check(self.num_layers >= 1, "model.num_layers", f"{self.num_layers} must be at least 1")
+
+    def _check_width(self) -> None:
+        for name in ("intermediate_size", "num_attention_heads", "num_key_value_heads"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"model.{name}", f"{value} must be at least 1 (or null for the teacher's)")
+        heads, kv = self.num_attention_heads, self.num_key_value_heads
+        if heads is not None and kv is not None:
+            _check(heads % kv == 0, "model.num_attention_heads",
+                   f"{heads} is not a multiple of model.num_key_value_heads={kv} (every key/value group keeps the same "
+                   f"number of query heads); choose a multiple of {kv}")
 
     @classmethod
     def read_field(cls, name: str, value: Any) -> Any:
