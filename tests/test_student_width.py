@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -12,16 +13,17 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from lmdistill.cli import main
 from lmdistill.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig
 from lmdistill.data.prepare import calibration_tokens
-from lmdistill.models.arch import decoder_layers
+from lmdistill.models.arch import count_parameters, decoder_layers
 from lmdistill.models.errors import ModelError
 from lmdistill.models.load import load_model, load_tokenizer
 from lmdistill.student.build import build_student
 from lmdistill.student.cut import cut_student
-from lmdistill.student.width import WidthShape, choose_width, resolve_width, width_importance
+from lmdistill.student.width import WidthShape, choose_width, resolve_width, student_parameters, width_importance
 from lmdistill.train.run import run_training
 from lmdistill.train.setup import make_student
 
-from .helpers import save_with_tokenizer, small_text_file, tiny_gpt2, tiny_llama
+from .helpers import tiny_gpt2, tiny_llama
+from .test_student_cut import teachers  # noqa: F401  (the fixture: tiny GPT-2 and Llama folders, a text file)
 
 VOCAB = 97
 CALIBRATION = np.random.default_rng(0).integers(0, VOCAB, 512)
@@ -94,7 +96,8 @@ def test_pruned_student_equals_teacher_with_pruned_units_zeroed(tmp_path, family
         scores = importance.neurons[k]
         dropped = torch.ones(len(scores), dtype=torch.bool)
         dropped[keep.neurons] = False
-        assert len(keep.neurons) == expect[0] and (not dropped.any() or scores[keep.neurons].min() > scores[dropped].max())
+        assert len(keep.neurons) == expect[0]
+        assert not dropped.any() or scores[keep.neurons].min() > scores[dropped].max()
     expected = masked_logits(depth_only, chosen, shape)
     with torch.no_grad():
         got = student(input_ids=INPUTS).logits
@@ -161,7 +164,35 @@ def test_gqa_groups_are_ranked_by_their_heads_summed():
 ])
 def test_bad_width_requests_name_the_field_and_the_fix(family, widths, error, match):
     with pytest.raises(error, match=match):
-        resolve_width(tiny_teacher(family).config, ModelConfig(**widths))
+        resolve_width(tiny_teacher(family).config, ModelConfig(**widths), 4)
+
+
+@pytest.mark.parametrize("heads", [None, 2])
+def test_params_target_picks_the_widest_mlp_that_fits(heads):
+    teacher = tiny_teacher("llama")
+    full = WidthShape.of(teacher.config)
+    # Any target between the narrowest and the widest 3-layer student: the largest intermediate size within it.
+    narrow = student_parameters(teacher.config, 3, WidthShape(1, heads or 4, 2, 8))
+    wide = student_parameters(teacher.config, 3, WidthShape(full.intermediate_size, heads or 4, 2, 8))
+    target = (narrow + wide) // 2
+    model = ModelConfig(layers=[0, 1, 3], num_attention_heads=heads, params=f"{target / 1e3}K", calibration_tokens=256)
+    cut = cut_student(teacher, model, lambda: CALIBRATION, block_size=64, seed=0, log=log_nothing)
+    chosen = WidthShape.of(cut.student.config)
+    count = count_parameters(cut.student)
+    assert 1 < chosen.intermediate_size < full.intermediate_size and chosen.num_attention_heads == (heads or 4)
+    one_more = replace(chosen, intermediate_size=chosen.intermediate_size + 1)
+    assert count <= target < student_parameters(teacher.config, 3, one_more)
+    record = cut.student.config.lmdistill_width_choice
+    assert record["params_target"] == target and record["params"] == count
+
+    with pytest.raises(ConfigError, match=rf"model.params \(--params\): {wide + 1:,} parameters is out of reach at "
+                                          rf"3 layers of {heads or 4} heads.*{narrow:,} \(1 MLP neuron\) to "
+                                          rf"{wide:,}.*model.num_layers"):
+        resolve_width(teacher.config, ModelConfig(params=str(wide + 1), num_attention_heads=heads), 3)
+    with pytest.raises(ConfigError, match="give one of model.params and model.intermediate_size"):
+        ModelConfig(params="1M", intermediate_size=8)
+    with pytest.raises(ConfigError, match="model.params: cannot read '81.4Q'.*81.4M"):
+        ModelConfig(params="81.4Q")
 
 
 def test_heads_not_a_multiple_of_groups_is_refused_in_the_recipe():
@@ -172,22 +203,11 @@ def test_heads_not_a_multiple_of_groups_is_refused_in_the_recipe():
         ModelConfig(intermediate_size=0)
 
 
-@pytest.fixture(scope="module")
-def teachers(tmp_path_factory, gpt2_tokenizer):
-    root = tmp_path_factory.mktemp("width")
-    return {
-        "root": root,
-        "text": small_text_file(root),
-        "gpt2": save_with_tokenizer(tiny_gpt2(n_layer=4, seed=5), gpt2_tokenizer, root / "gpt2"),
-        "llama": save_with_tokenizer(tiny_llama(num_layers=4, seed=6, vocab_size=50257), gpt2_tokenizer,
-                                     root / "llama"),
-    }
-
-
 @pytest.mark.parametrize("family, strategy, fields", [
     ("llama", "importance", {"intermediate_size": 40, "num_key_value_heads": 1}),  # depth and width measured
     ("gpt2", "uniform", {"intermediate_size": 48}),  # a static depth cut: width alone still calibrates
     ("llama", "uniform", {"num_attention_heads": 2, "random_init": True}),  # fresh weights of the narrow shape
+    ("llama", "first", {"params": "1.62M"}),  # 2 layers of 1 to 64 neurons hold 1,614,720 to 1,626,816 parameters
 ])
 def test_distill_and_init_student_cut_the_same_narrow_student(teachers, tmp_path, capsys, family, strategy, fields):
     teacher, text = teachers[family], teachers["text"]
@@ -216,7 +236,7 @@ def test_distill_trains_a_width_pruned_student(teachers, tmp_path):
     # Aligned-layer losses read hidden states, whose size width pruning keeps, so every term runs.
     config = RunConfig(model=ModelConfig(teacher=str(teachers["llama"]), num_layers=2, strategy="importance",
                                          calibration_tokens=256, intermediate_size=40, num_attention_heads=2),
-                       data=DataConfig(sources=[str(teachers["text"])], prepared_dir=str(teachers["root"] / "data"),
+                       data=DataConfig(sources=[str(teachers["text"])], prepared_dir=str(tmp_path / "data"),
                                        block_size=32),
                        train=TrainConfig(max_steps=2, batch_size=2, eval_every=0, checkpoint_every=0, eval_tokens=32,
                                          threads=1))

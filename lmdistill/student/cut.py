@@ -52,11 +52,12 @@ def cut_student(teacher: PreTrainedModel, model: ModelConfig, calibration: Calla
     """
     num_teacher = len(decoder_layers(teacher))
     strategy = resolve_strategy(model.strategy, teacher.config)
-    width = resolve_width(teacher.config, model)  # checked before anything is measured
+    depth = len(model.layers) if model.layers is not None else student_depth(num_teacher, model.num_layers)
+    width = resolve_width(teacher.config, model, depth)  # checked before anything is measured
     calibration = functools.cache(calibration)
     choice = None
     if strategy in DATA_STRATEGIES and model.layers is None:
-        choice = choose_layers(teacher, calibration(), student_depth(num_teacher, model.num_layers), strategy,
+        choice = choose_layers(teacher, calibration(), depth, strategy,
                                calibration_tokens=model.calibration_tokens, objective=model.search_objective,
                                block_size=block_size, log=log)
         layers = choice.layers
@@ -65,7 +66,8 @@ def cut_student(teacher: PreTrainedModel, model: ModelConfig, calibration: Calla
     student = build_student(teacher, layers, random_init=model.random_init, seed=seed)
     if width is not None:
         student = apply_width(teacher, student, layers, width, calibration, calibration_tokens=model.calibration_tokens,
-                              block_size=block_size, random_init=model.random_init, seed=seed, log=log)
+                              block_size=block_size, random_init=model.random_init, seed=seed,
+                              params_target=model.params_target, log=log)
     if choice is not None:
         student.config.lmdistill_layer_choice = choice.to_dict()  # saved in config.json with the student
     return StudentCut(student, layers, strategy, choice)

@@ -19,17 +19,18 @@ derive it from ``hidden_size // num_attention_heads``. Hidden (embedding) channe
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
 from ..config import ConfigError, ModelConfig
-from ..models.arch import architecture_of, decoder_layers
+from ..models.arch import ARCHITECTURES, architecture_of, count_parameters, decoder_layers
 from ..models.errors import ModelError
+from .build import cut_per_layer_fields
 from .importance import calibration_blocks, forward_blocks
 
 
@@ -98,14 +99,20 @@ def width_layout(config) -> WidthLayout:
 
 def width_requested(model: ModelConfig) -> bool:
     return any(value is not None for value in (model.intermediate_size, model.num_attention_heads,
-                                                model.num_key_value_heads))
+                                                model.num_key_value_heads, model.params))
 
 
-def resolve_width(teacher_config, model: ModelConfig) -> WidthShape | None:
-    """The student's widths that ``model`` asks for, checked against the teacher's config (no weights
-    needed); None when no width is asked for."""
+def resolve_width(teacher_config, model: ModelConfig, depth: int) -> WidthShape | None:
+    """The widths that ``model`` asks for in a student of ``depth`` layers, checked against the
+    teacher's config (no weights needed); None when no width is asked for. With ``model.params``
+    the intermediate size is the largest that keeps the student within that many parameters."""
     if not width_requested(model):
         return None
+    shape = _requested_shape(teacher_config, model)
+    return shape if model.params is None else fit_intermediate_size(teacher_config, depth, shape, model.params_target)
+
+
+def _requested_shape(teacher_config, model: ModelConfig) -> WidthShape:
     layout = width_layout(teacher_config)
     teacher = WidthShape.of(teacher_config)
     if layout.attention is None and (model.num_attention_heads, model.num_key_value_heads) != (None, None):
@@ -124,6 +131,32 @@ def resolve_width(teacher_config, model: ModelConfig) -> WidthShape | None:
             f"{kv} key/value heads evenly with at most the teacher's {group} per group; choose a multiple of {kv} "
             f"up to {kv * group} (or change model.num_key_value_heads)")
     return WidthShape(neurons, heads, kv, teacher.head_dim)
+
+
+def student_parameters(teacher_config, depth: int, shape: WidthShape) -> int:
+    """Parameters of a student of ``depth`` layers with ``shape``'s widths, counted without weights."""
+    config = width_config(teacher_config, shape)
+    setattr(config, ARCHITECTURES[config.model_type].num_layers_key, depth)
+    cut_per_layer_fields(config, list(range(depth)))
+    if hasattr(config, "quantization_config"):  # a GGUF teacher's config: the student is plain weights
+        delattr(config, "quantization_config")
+    with torch.device("meta"):  # shapes only: nothing is allocated or initialised
+        return count_parameters(AutoModelForCausalLM.from_config(config))
+
+
+def fit_intermediate_size(teacher_config, depth: int, shape: WidthShape, target: int) -> WidthShape:
+    """``shape`` with the largest intermediate size whose student has at most ``target`` parameters
+    (the count grows linearly with the intermediate size)."""
+    widest = WidthShape.of(teacher_config).intermediate_size
+    smallest = student_parameters(teacher_config, depth, replace(shape, intermediate_size=1))
+    largest = student_parameters(teacher_config, depth, replace(shape, intermediate_size=widest))
+    if not smallest <= target <= largest:
+        raise ConfigError(f"config value model.params (--params): {target:,} parameters is out of reach at {depth} "
+                          f"layers of {shape.num_attention_heads} heads, which hold {smallest:,} (1 MLP neuron) to "
+                          f"{largest:,} ({widest} neurons, the teacher's); ask for a size in that range or change "
+                          f"model.num_layers")
+    per_neuron = (largest - smallest) // max(widest - 1, 1)
+    return replace(shape, intermediate_size=1 + (target - smallest) // per_neuron if per_neuron else widest)
 
 
 def _check_at_most(value: int, teacher: int, field: str, what: str) -> None:
@@ -180,7 +213,8 @@ def top_units(scores: torch.Tensor, keep: int) -> torch.Tensor:
     return torch.argsort(-scores, stable=True)[:keep].sort().values
 
 
-def select_heads(scores: torch.Tensor, num_kv_heads: int, keep_kv: int, keep_per_group: int) -> tuple[list[int], list[int]]:
+def select_heads(scores: torch.Tensor, num_kv_heads: int, keep_kv: int,
+                 keep_per_group: int) -> tuple[list[int], list[int]]:
     """(query heads, key/value heads) kept: the ``keep_kv`` groups of largest summed score, and in each
     the ``keep_per_group`` query heads of largest score. Query head h reads key/value head
     ``h // group`` (transformers' repeat_kv), which the kept lists preserve."""
@@ -278,26 +312,32 @@ def prune_width(model: PreTrainedModel, chosen: list[LayerWidth], shape: WidthSh
 
 def apply_width(teacher: PreTrainedModel, student: PreTrainedModel, layers: list[int], shape: WidthShape,
                 calibration: Callable[[], np.ndarray], *, calibration_tokens: int, block_size: int,
-                random_init: bool, seed: int, log: Callable[[str], None]) -> PreTrainedModel:
+                random_init: bool, seed: int, params_target: int | None,
+                log: Callable[[str], None]) -> PreTrainedModel:
     """``student`` (cut from ``teacher``'s ``layers``) narrowed to ``shape``: its neurons and heads ranked
     on the teacher's kept layers over the calibration tokens, or fresh weights with ``random_init``.
-    What was kept is recorded in the student's config as ``lmdistill_width_choice``."""
+    What was kept is recorded in the student's config as ``lmdistill_width_choice`` (with the
+    ``model.params`` target that chose the shape, if any)."""
     teacher_shape = WidthShape.of(teacher.config)
+    record = {"teacher": teacher_shape.to_dict(), "student": shape.to_dict()}
     if random_init:
         torch.manual_seed(seed)
-        pruned = type(student)(width_config(student.config, shape)).to(dtype=next(student.parameters()).dtype)
-        pruned.config.lmdistill_width_choice = {"teacher": teacher_shape.to_dict(), "student": shape.to_dict(),
-                                                "random_init": True}
-        return pruned.eval()
-    importance = width_importance(teacher, calibration(), layers, block_size=block_size, max_tokens=calibration_tokens)
-    chosen = choose_width(importance, layers, teacher_shape, shape)
-    pruned = prune_width(student, chosen, shape)
-    pruned.config.lmdistill_width_choice = {"teacher": teacher_shape.to_dict(), "student": shape.to_dict(),
-                                            "calibration_tokens": importance.tokens,
-                                            "layers": [keep.to_dict() for keep in chosen]}
-    log(f"width: {format_shape(teacher_shape)} -> {format_shape(shape)} per layer, ranked on "
-        f"{importance.tokens:,} calibration tokens; share of MLP activation kept per layer: "
-        + ", ".join(f"{keep.teacher_layer}: {keep.mlp_importance_kept:.3f}" for keep in chosen))
+        pruned = type(student)(width_config(student.config, shape)).to(dtype=next(student.parameters()).dtype).eval()
+        record["random_init"] = True
+    else:
+        importance = width_importance(teacher, calibration(), layers, block_size=block_size,
+                                      max_tokens=calibration_tokens)
+        chosen = choose_width(importance, layers, teacher_shape, shape)
+        pruned = prune_width(student, chosen, shape)
+        record.update(calibration_tokens=importance.tokens, layers=[keep.to_dict() for keep in chosen])
+        log(f"width: {format_shape(teacher_shape)} -> {format_shape(shape)} per layer, ranked on "
+            f"{importance.tokens:,} calibration tokens; share of MLP activation kept per layer: "
+            + ", ".join(f"{keep.teacher_layer}: {keep.mlp_importance_kept:.3f}" for keep in chosen))
+    if params_target is not None:
+        record.update(params_target=params_target, params=count_parameters(pruned))
+        log(f"model.params {params_target:,}: {len(layers)} layers of {format_shape(shape)} hold "
+            f"{record['params']:,} parameters")
+    pruned.config.lmdistill_width_choice = record
     return pruned
 
 
