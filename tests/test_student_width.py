@@ -23,6 +23,7 @@ from lmdistill.train.run import run_training
 from lmdistill.train.setup import make_student
 
 from .helpers import tiny_gpt2, tiny_llama
+from .test_models import tiny_gpt_neo
 from .test_student_cut import teachers  # noqa: F401  (the fixture: tiny GPT-2 and Llama folders, a text file)
 
 VOCAB = 97
@@ -35,10 +36,12 @@ F64_ATOL = 1e-12
 
 
 def tiny_teacher(family: str) -> torch.nn.Module:
-    # Llama: 4 query heads in 2 key/value groups (GQA), 64 neurons; GPT-2: 2 heads, 128 neurons.
-    teacher = tiny_llama(num_layers=4, seed=3, vocab_size=VOCAB) if family == "llama" else \
-        tiny_gpt2(n_layer=4, seed=3, vocab_size=VOCAB)
-    return teacher.double()
+    # Llama: 4 query heads in 2 key/value groups (GQA), 64 neurons; GPT-2: 2 heads, 128 neurons;
+    # GPT-Neo: 2 layers (global, then local attention), 128 neurons.
+    teachers = {"llama": lambda: tiny_llama(num_layers=4, seed=3, vocab_size=VOCAB),
+                "gpt2": lambda: tiny_gpt2(n_layer=4, seed=3, vocab_size=VOCAB),
+                "gpt_neo": lambda: tiny_gpt_neo(seed=3)}
+    return teachers[family]().double()
 
 
 def log_nothing(line: str) -> None:
@@ -79,6 +82,7 @@ def masked_logits(model, chosen, shape: WidthShape) -> torch.Tensor:
     ("llama", [1, 3], {"num_key_value_heads": 1}, (64, 2, 1)),  # a whole group dropped
     ("llama", [0, 1, 3], {"intermediate_size": 24, "num_attention_heads": 1, "num_key_value_heads": 1}, (24, 1, 1)),
     ("gpt2", [0, 2, 3], {"intermediate_size": 50}, (50, 2, 2)),
+    ("gpt_neo", [1], {"intermediate_size": 50}, (50, 2, 2)),  # nn.Linear where GPT-2 has Conv1D
 ])
 def test_pruned_student_equals_teacher_with_pruned_units_zeroed(tmp_path, family, layers, widths, expect):
     teacher = tiny_teacher(family)
@@ -120,7 +124,7 @@ def test_pruned_student_equals_teacher_with_pruned_units_zeroed(tmp_path, family
                 config["head_dim"]) == (*expect, 8)  # head_dim stays the teacher's 32 / 4
         assert [row["heads"] for row in record["layers"]] == [keep.heads for keep in chosen]
     else:
-        assert config["n_inner"] == expect[0] and config["n_head"] == 2
+        assert config["n_inner" if family == "gpt2" else "intermediate_size"] == expect[0]
 
 
 def test_importance_ranks_a_planted_neuron_and_head_first():
