@@ -84,6 +84,18 @@ DIVERGENCE_PARAMS: dict[str, tuple[str, float]] = {"jsd": ("beta", 0.5), "skew_k
                                                    "skew_reverse_kl": ("alpha", 0.1)}
 
 
+_PARAM_UNITS = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9}
+
+
+def parse_param_count(text: str) -> int | None:
+    """``81.4M``, ``500K``, ``1.2B`` or ``81400000`` (underscores allowed) as a positive count; None if unreadable."""
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([kmb]?)", str(text).replace("_", "").strip().lower())
+    if match is None:
+        return None
+    count = round(float(match[1]) * _PARAM_UNITS[match[2]])
+    return count if count >= 1 else None
+
+
 @dataclass
 class ModelConfig:
     teacher: str = "gpt2"
@@ -100,6 +112,15 @@ class ModelConfig:
     """Training tokens on which importance and search measure the teacher's layers."""
     search_objective: str = "kl"
     """What the search keeps low when it removes a layer: kl (to the teacher) or ce (on the calibration tokens)."""
+    # Width pruning (lmdistill/student/width.py), applied after the depth cut; all None: the teacher's widths.
+    intermediate_size: int | None = None
+    """MLP neurons each student layer keeps (its own largest mean |activation| on the calibration tokens); None: the teacher's."""
+    num_attention_heads: int | None = None
+    """Query heads each student layer keeps (largest mean output norm), the same number in every key/value group; a multiple of num_key_value_heads; Llama family only. None: num_key_value_heads times the teacher's heads per group."""
+    num_key_value_heads: int | None = None
+    """Key/value groups each student layer keeps (largest summed head importance); None: the teacher's."""
+    params: str | None = None
+    """Target student size (e.g. 81.4M, 500K, 81400000): picks the largest intermediate_size whose student, at this depth and these heads, has at most this many parameters."""
     random_init: bool = False
     """Random student weights with the cut architecture, instead of copied teacher weights."""
     teacher_cache: str | None = None
@@ -116,6 +137,7 @@ class ModelConfig:
         _check(self.calibration_tokens >= 8, "model.calibration_tokens", f"{self.calibration_tokens} must be at least 8")
         _check(self.search_objective in SEARCH_OBJECTIVES, "model.search_objective",
                f"{self.search_objective!r} is not one of {', '.join(SEARCH_OBJECTIVES)}")
+        self._check_width()
         if self.layers is not None:
             _check(len(self.layers) > 0, "model.layers", "must list at least one teacher layer")
             _check(all(isinstance(i, int) and i >= 0 for i in self.layers), "model.layers", "must be non-negative integers")
@@ -135,6 +157,27 @@ class ModelConfig:
                "a teacher cache stores the targets of the uncorrected teacher; run once with the correction to get "
                "the corrected teacher's folder (printed), build the cache from it (lmdistill cache-teacher), then "
                "distill with model.teacher=THAT_FOLDER, model.teacher_cache=CACHE and model.teacher_correction_tokens=0")
+
+    def _check_width(self) -> None:
+        for name in ("intermediate_size", "num_attention_heads", "num_key_value_heads"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"model.{name}",
+                   f"{value} must be at least 1 (or null for the teacher's)")
+        if self.params is not None:
+            _check(parse_param_count(self.params) is not None, "model.params",
+                   f"cannot read {self.params!r} as a parameter count; give one such as 81.4M, 500K or 81400000")
+            _check(self.intermediate_size is None, "model.params",
+                   "picks model.intermediate_size itself; give one of model.params and model.intermediate_size")
+        heads, kv = self.num_attention_heads, self.num_key_value_heads
+        if heads is not None and kv is not None:
+            _check(heads % kv == 0, "model.num_attention_heads",
+                   f"{heads} is not a multiple of model.num_key_value_heads={kv} (every key/value group keeps the same "
+                   f"number of query heads); choose a multiple of {kv}")
+
+    @property
+    def params_target(self) -> int | None:
+        """model.params as a number of parameters."""
+        return None if self.params is None else parse_param_count(self.params)
 
     @classmethod
     def read_field(cls, name: str, value: Any) -> Any:

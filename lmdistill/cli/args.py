@@ -81,7 +81,7 @@ def parse_temperatures(text: str) -> list[float]:
 # init-student's options that set the fields of the same names in a recipe's model section: their
 # defaults, choices and checks are ModelConfig's.
 INIT_STUDENT_FIELDS = ("teacher", "layers", "num_layers", "strategy", "calibration_tokens", "search_objective",
-                        "random_init")
+                        "intermediate_size", "num_attention_heads", "num_key_value_heads", "params", "random_init")
 
 
 def model_field(name: str, parse: Callable[[str], Any] = str) -> Callable[[str], Any]:

@@ -40,9 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     model = ModelConfig()
     p = sub.add_parser("init-student", help="cut a student from a teacher",
                        description="Cut a student from a teacher, as distill does. --teacher, --layers, --num-layers, "
-                                   "--strategy, --calibration-tokens, --search-objective and --random-init set the "
-                                   "model.* fields of the same names in a distill recipe, with their defaults and "
-                                   "checks; distill calibrates on its training data instead of --calibration.")
+                                   "--strategy, --calibration-tokens, --search-objective, --intermediate-size, "
+                                   "--num-attention-heads, --num-key-value-heads, --params and --random-init set the "
+                                   "model.* fields of the same names in a distill recipe, with their defaults "
+                                   "and checks; distill calibrates on its training data instead of --calibration.")
     p.add_argument("--teacher", required=True, type=model_field("teacher"), help="teacher MODEL")
     group = p.add_mutually_exclusive_group()
     group.add_argument("--layers", type=model_field("layers", parse_layers), default=model.layers,
@@ -53,14 +54,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer map for --num-layers: importance keeps the layers of largest block influence, search "
                         "removes one at a time the layer that costs least, auto is importance for Llama-family "
                         f"teachers and every-other otherwise (default: {model.strategy})")
-    p.add_argument("--calibration", default="corpus:all", help="for importance and search: text source (train split)")
+    p.add_argument("--calibration", default="corpus:all",
+                   help="for importance, search and width pruning: text source (train split)")
     p.add_argument("--calibration-tokens", type=model_field("calibration_tokens"), default=model.calibration_tokens,
-                   help="for importance and search: tokens measured (search costs about n^2/2 forward passes over "
-                        f"them; default {model.calibration_tokens})")
+                   help="for importance, search and width pruning: tokens measured (search costs about n^2/2 "
+                        f"forward passes over them; default {model.calibration_tokens})")
     p.add_argument("--search-objective", type=model_field("search_objective"), default=model.search_objective,
                    choices=SEARCH_OBJECTIVES,
                    help="for search: keep KL to the teacher (kl) or calibration cross-entropy (ce) lowest "
                         f"(default: {model.search_objective})")
+    p.add_argument("--intermediate-size", type=model_field("intermediate_size"), default=model.intermediate_size,
+                   help="width pruning: MLP neurons each layer keeps, ranked by mean |activation| on the calibration "
+                        "tokens (default: the teacher's)")
+    p.add_argument("--num-attention-heads", type=model_field("num_attention_heads"), default=model.num_attention_heads,
+                   help="width pruning (Llama family): query heads each layer keeps, the same number in every "
+                        "key/value group, ranked by output norm (default: the teacher's heads per group times "
+                        "--num-key-value-heads)")
+    p.add_argument("--num-key-value-heads", type=model_field("num_key_value_heads"), default=model.num_key_value_heads,
+                   help="width pruning (Llama family): key/value groups each layer keeps, ranked by their heads' "
+                        "summed output norm (default: the teacher's)")
+    p.add_argument("--params", type=model_field("params"), default=model.params,
+                   help="target size such as 81.4M: the largest --intermediate-size whose student, at this depth and "
+                        "these heads, has at most this many parameters (the chosen shape is printed)")
     p.add_argument("--random-init", action="store_true", default=model.random_init,
                    help="random weights with the cut architecture")
     p.add_argument("--seed", type=int_at_least(0), default=0)

@@ -33,7 +33,7 @@ def build_student(teacher: PreTrainedModel, layers: list[int], random_init: bool
         # A teacher read from a GGUF file is dequantised in memory; its student is plain weights.
         delattr(config, "quantization_config")
     setattr(config, arch.num_layers_key, len(layers))
-    _cut_per_layer_fields(config, layers)
+    cut_per_layer_fields(config, layers)
     config.lmdistill_layer_map = None if random_init else list(layers)
     config.lmdistill_teacher_layers = num_teacher
     torch.manual_seed(seed)
@@ -59,7 +59,7 @@ def build_student(teacher: PreTrainedModel, layers: list[int], random_init: bool
     return student.eval()
 
 
-def _cut_per_layer_fields(config, layers: list[int]) -> None:
+def cut_per_layer_fields(config, layers: list[int]) -> None:
     # Some configs describe each layer (GPT-Neo's attention_types, Qwen's layer_types);
     # they must follow the layer map or the student would get the wrong attention kind.
     if hasattr(config, "attention_layers") and isinstance(config.attention_layers, list):

@@ -9,6 +9,7 @@ tokens, and its record (:class:`LayerChoice`) is saved in the student's ``config
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -21,6 +22,7 @@ from .build import build_student
 from .importance import block_influence, most_influential
 from .maps import layer_map, resolve_layer_map, resolve_strategy, student_depth
 from .search import CutScore, SearchResult, SearchStep, format_cut_table, greedy_search, make_calibration, score_cut
+from .width import apply_width, resolve_width
 
 # Calibration blocks are at most this many tokens (distill's are its data.block_size when shorter).
 CALIBRATION_BLOCK_SIZE = 256
@@ -41,23 +43,31 @@ class StudentCut:
 
 def cut_student(teacher: PreTrainedModel, model: ModelConfig, calibration: Callable[[], np.ndarray], *,
                 block_size: int, seed: int, log: Callable[[str], None]) -> StudentCut:
-    """The student ``model`` asks for (``layers``, or ``num_layers`` and ``strategy``; ``random_init``).
+    """The student ``model`` asks for (``layers``, or ``num_layers`` and ``strategy``; the widths;
+    ``random_init``).
 
-    ``calibration`` gives the calibration tokens, and is called only when a data strategy
-    measures the teacher on them, in blocks of ``block_size``; ``seed`` seeds a random
-    initialisation; ``log`` gets what the measurement prints.
+    ``calibration`` gives the calibration tokens, and is called (once) only when a data strategy or
+    width pruning measures the teacher on them, in blocks of ``block_size``; ``seed`` seeds a
+    random initialisation; ``log`` gets what the measurements print.
     """
     num_teacher = len(decoder_layers(teacher))
     strategy = resolve_strategy(model.strategy, teacher.config)
+    depth = len(model.layers) if model.layers is not None else student_depth(num_teacher, model.num_layers)
+    width = resolve_width(teacher.config, model, depth)  # checked before anything is measured
+    calibration = functools.cache(calibration)
     choice = None
     if strategy in DATA_STRATEGIES and model.layers is None:
-        choice = choose_layers(teacher, calibration(), student_depth(num_teacher, model.num_layers), strategy,
+        choice = choose_layers(teacher, calibration(), depth, strategy,
                                calibration_tokens=model.calibration_tokens, objective=model.search_objective,
                                block_size=block_size, log=log)
         layers = choice.layers
     else:
         layers = resolve_layer_map(num_teacher, model.layers, model.num_layers, strategy)
     student = build_student(teacher, layers, random_init=model.random_init, seed=seed)
+    if width is not None:
+        student = apply_width(teacher, student, layers, width, calibration, calibration_tokens=model.calibration_tokens,
+                              block_size=block_size, random_init=model.random_init, seed=seed,
+                              params_target=model.params_target, log=log)
     if choice is not None:
         student.config.lmdistill_layer_choice = choice.to_dict()  # saved in config.json with the student
     return StudentCut(student, layers, strategy, choice)

@@ -43,34 +43,33 @@ def block_influence(model: PreTrainedModel, tokens: np.ndarray, block_size: int 
     most the model's context).
     """
     blocks = calibration_blocks(model, tokens, block_size, max_tokens, "block influence")
-    n_blocks = blocks.shape[0]
     layers = decoder_layers(model)
     sums = torch.zeros(len(layers), dtype=torch.float64)
-    count = 0
-    current: dict[int, torch.Tensor] = {}
 
     def hook(index: int):
         def capture(module, args, kwargs, output):
             x = args[0] if args else kwargs["hidden_states"]
             y = output[0] if isinstance(output, tuple) else output
             cos = torch.nn.functional.cosine_similarity(x.double(), y.double(), dim=-1)
-            current[index] = (1.0 - cos).sum().cpu()
+            sums[index] += (1.0 - cos).sum().cpu()
         return capture
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    forward_blocks(model, blocks, batch_size, handles)
+    return (sums / blocks.numel()).tolist()
+
+
+@torch.no_grad()
+def forward_blocks(model: PreTrainedModel, blocks: torch.Tensor, batch_size: int,
+                   handles: list[torch.utils.hooks.RemovableHandle]) -> None:
+    """Run ``model`` over ``blocks`` in batches for its measuring hooks, then remove the hooks' ``handles``."""
     try:
         with eval_mode(model):
-            for start in range(0, n_blocks, batch_size):
-                batch = blocks[start : start + batch_size].to(model_device(model))
-                current.clear()
-                model(input_ids=batch)
-                for i in range(len(layers)):
-                    sums[i] += current[i]
-                count += batch.numel()
+            for start in range(0, blocks.shape[0], batch_size):
+                model(input_ids=blocks[start : start + batch_size].to(model_device(model)))
     finally:
         for handle in handles:
             handle.remove()
-    return (sums / count).tolist()
 
 
 def most_influential(scores: list[float], keep: int) -> list[int]:
