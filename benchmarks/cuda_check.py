@@ -32,7 +32,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from lmdistill.train.rundir import read_metrics
-from lmdistill.config import load_config
+from lmdistill.recipe import load_config
 from lmdistill.evaluate.runner import evaluate_models
 from lmdistill.evaluate.tasks import parse_tasks
 from lmdistill.models.load import load_tokenizer

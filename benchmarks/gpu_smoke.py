@@ -86,7 +86,7 @@ def prepare(work: Path) -> None:
 def train(work: Path, name: str, extra: list[str]) -> None:
     import torch
 
-    from lmdistill.config import load_config
+    from lmdistill.recipe import load_config
     from lmdistill.train.run import run_training
 
     config = load_config("distilgpt2", overrides(work) + extra)

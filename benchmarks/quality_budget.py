@@ -35,7 +35,7 @@ from typing import Any, NamedTuple
 
 from lmdistill.atomic import write_text_atomic
 from lmdistill.cli.args import DEFAULT_TAIL_SAMPLES
-from lmdistill.config import load_config
+from lmdistill.recipe import load_config
 from lmdistill.data.corpora import CORPORA
 from lmdistill.data.prepare import prepare
 from lmdistill.errors import LmdistillError
@@ -332,7 +332,7 @@ def format_table(results: dict[str, Any]) -> str:
                          + " / ".join(f"{s['per_corpus'][c]:.2f}" for c in corpora)
                          + f" | {s['in_domain_geomean']:.2f} |")
     if loco:
-        lines += ["", f"Teacher perplexity: " + ", ".join(f"{c} {teacher[c]:.1f}" for c in corpora)
+        lines += ["", "Teacher perplexity: " + ", ".join(f"{c} {teacher[c]:.1f}" for c in corpora)
                   + f" ({results['teacher']['parameters']:,} parameters).", "",
                   "Per variant, over its held-out choices (geomean): held-out ratio / in-domain ratio", ""]
         for variant in dict.fromkeys(r["variant"] for r in rows):

@@ -50,7 +50,7 @@ import torch
 import transformers
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lmdistill.config import load_config
+from lmdistill.recipe import load_config
 from lmdistill.data.sampler import BlockSampler
 from lmdistill.measure.flops import matmul_params, step_flops
 from lmdistill.models.arch import config_num_layers

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from .atomic import write_text_atomic
-from .config import RunConfig, load_config
+from .config import RunConfig
+from .recipe import load_config
 from .data.corpora import CORPORA
 from .evaluate.perplexity import PerplexityProtocol
 from .evaluate.results import eval_result

@@ -7,7 +7,7 @@ cache, an alignment term, two non-KL divergences), and every value its ``metrics
 is stored with the commit it came from; ``tests/test_golden.py`` reruns the same runs and
 compares (see its docstring for when and how to re-record).
 
-Runs go through the public entry points only: :func:`lmdistill.config.load_config` (the recipe
+Runs go through the public entry points only: :func:`lmdistill.recipe.load_config` (the recipe
 plus ``section.field=value`` overrides), :func:`lmdistill.train.run.run_training`, and the
 ``lmdistill cache-teacher`` command. Everything is written under a temporary folder (the
 ``$LMDISTILL_CACHE`` too) that is removed afterwards.
@@ -204,7 +204,7 @@ def read_run(run_dir: Path) -> dict[str, Any]:
 def run(ws: Workspace, teacher: str, template: Sequence[str], threads: int = THREADS,
         extra: Sequence[str] = ()) -> dict[str, Any]:
     """Train the recipe with ``template`` (+ ``extra``) overrides on ``teacher``; :func:`read_run`'s record."""
-    from lmdistill.config import load_config
+    from lmdistill.recipe import load_config
     from lmdistill.train.run import run_training
 
     if any("{cache}" in item for item in template):
@@ -309,7 +309,7 @@ def recorded_values(golden: dict[str, Any]) -> dict[str, Any]:
     name: re-recording would throw away the values of the commit the file names. Only the
     recorded side is renamed, so a run that still logged ``kl`` for a non-KL divergence fails.
     """
-    from lmdistill.config import load_config
+    from lmdistill.recipe import load_config
     from lmdistill.loss.divergences import logit_term_name
 
     loss = load_config(RECIPE, [item for item in golden["overrides"] if item.startswith("loss.")]).loss

@@ -76,7 +76,7 @@ def run_folder(name: str, overrides: tuple[str, ...] = ()) -> Setup:
     """A finished run of the ws recipe (with ``overrides``), as far as its files go: config.yaml,
     metrics.jsonl, summary.json and the (unlocked) .lock file every run folder keeps."""
     def build(tmp: Path, ws: dict[str, Path]) -> None:
-        from lmdistill.config import load_config
+        from lmdistill.recipe import load_config
 
         folder = tmp / name
         folder.mkdir()

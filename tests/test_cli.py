@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lmdistill.train.rundir import read_metrics
 from lmdistill.cli import main
-from lmdistill.config import load_config
+from lmdistill.recipe import load_config
 from lmdistill.models.arch import count_parameters
 
 from .helpers import save_with_tokenizer, small_text_file, tiny_gpt2

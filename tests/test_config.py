@@ -16,9 +16,8 @@ from lmdistill.config import (
     ModelConfig,
     RunConfig,
     TrainConfig,
-    load_config,
-    resolve_recipe,
 )
+from lmdistill.recipe import load_config, resolve_recipe
 
 BUDGET = ["train.max_steps=10"]
 

@@ -24,7 +24,8 @@ import yaml
 from transformers import AutoModelForCausalLM
 
 from lmdistill.train.rundir import RunDir, read_metrics
-from lmdistill.config import ConfigError, load_config
+from lmdistill.config import ConfigError
+from lmdistill.recipe import load_config
 from lmdistill.data.errors import DataError
 from lmdistill.data.sampler import BlockSampler
 from lmdistill.train.rundir import RunDirError

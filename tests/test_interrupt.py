@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from lmdistill.train.rundir import RunDir, read_metrics
-from lmdistill.config import load_config
+from lmdistill.recipe import load_config
 from lmdistill.train.run import run_training
 
 from .helpers import save_with_tokenizer, small_text_file, tiny_gpt2

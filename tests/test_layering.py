@@ -14,7 +14,7 @@ ROOT = Path(lmdistill.__file__).parent
 
 # Lowest first. A unit is a subpackage of lmdistill or a module directly in it.
 ORDER = [
-    "errors", "atomic", "markdown", "config", "schedule", "dist", "models", "data",
+    "errors", "atomic", "markdown", "config", "recipe", "schedule", "dist", "models", "data",
     "loss", "teacher_cache", "student", "generate",
     "evaluate", "train", "measure",
     "report", "demo", "cli", "__main__",

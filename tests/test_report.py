@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from lmdistill.cli import main
-from lmdistill.config import load_config
+from lmdistill.recipe import load_config
 from lmdistill.evaluate.results import format_eval
 from lmdistill.measure.bench import format_bench
 from lmdistill.report.plots import DPI, FIGSIZE, plot_metrics

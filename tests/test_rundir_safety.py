@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from lmdistill.atomic import build_dir_atomic, remove_leftovers
 from lmdistill.train.rundir import RunDir, read_metrics
 from lmdistill.cli import main
-from lmdistill.config import load_config
+from lmdistill.recipe import load_config
 from lmdistill.errors import NonFiniteError
 from lmdistill.train.health import ValidationWatch
 from lmdistill.train.rundir import RunDirError

@@ -14,7 +14,8 @@ import torch
 
 from lmdistill.train.rundir import read_metrics
 from lmdistill.cli import main
-from lmdistill.config import ConfigError, load_config
+from lmdistill.config import ConfigError
+from lmdistill.recipe import load_config
 from lmdistill.data.corpora import corpus_documents
 from lmdistill.data.prepare import prepare
 from lmdistill.loss.sparse import sparse_kl_divergence

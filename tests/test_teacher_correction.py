@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import lmdistill.train.correct as correct
-from lmdistill.config import ConfigError, load_config
+from lmdistill.config import ConfigError
+from lmdistill.recipe import load_config
 from lmdistill.data.prepare import prepare
 from lmdistill.models.load import load_model
 from lmdistill.report.write import write_report

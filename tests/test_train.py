@@ -11,7 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from lmdistill.train.rundir import RunDir, read_metrics
-from lmdistill.config import ConfigError, LossConfig, load_config
+from lmdistill.config import ConfigError, LossConfig
+from lmdistill.recipe import load_config
 from lmdistill.train.rundir import RunDirError
 from lmdistill.train.run import run_training
 

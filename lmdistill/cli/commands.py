@@ -130,7 +130,7 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
 
 
 def cmd_distill(args: argparse.Namespace) -> int:
-    from ..config import load_config
+    from ..recipe import load_config
     from ..train.run import run_training
 
     if args.resume:

@@ -21,6 +21,7 @@ from ..models.cache import cache_dir
 from ..models.fingerprint import config_fingerprint, tokenizer_fingerprint
 from ..models.load import load_tokenizer, model_config
 from ..student.maps import check_layer_request, resolve_strategy, student_depth
+from ..student.width import resolve_width
 from ..teacher_cache.reader import TeacherCache
 
 
@@ -111,7 +112,8 @@ def check_alignment_request(config: RunConfig, teacher_cfg: PretrainedConfig,
 
 
 def check_cut_request(config: RunConfig, teacher_cfg: PretrainedConfig) -> None:
-    """Range checks of the layers to keep (importance and search need the teacher's weights)."""
+    """Range checks of the layers and widths to keep (importance and search need the teacher's
+    weights; these need only its config)."""
     m = config.model
     try:
         check_layer_request(config_num_layers(teacher_cfg), m.layers, m.num_layers,
@@ -119,6 +121,8 @@ def check_cut_request(config: RunConfig, teacher_cfg: PretrainedConfig) -> None:
     except ValueError as err:
         field = "model.layers" if m.layers is not None else "model.num_layers"
         raise ConfigError(f"config value {field}: {err}") from None
+    depth = len(m.layers) if m.layers is not None else student_depth(config_num_layers(teacher_cfg), m.num_layers)
+    resolve_width(teacher_cfg, m, depth)
 
 
 def aligned_layers(config: RunConfig, layer_map: list[int] | None, num_student: int) -> list[tuple[int, int]]:

@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import dist
-from ..config import RunConfig, load_config
+from ..config import RunConfig
+from ..recipe import load_config
 from .loop import Progress, train
 from .rundir import RunDir, RunLock, check_run_dir, make_folder, remove_failed_start, remove_run_leftovers
 from .setup import Setup
