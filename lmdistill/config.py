@@ -220,9 +220,9 @@ class LossConfig:
     temperature: float = 2.0
     """Softmax temperature for the KL term."""
     align_cos: float = 0.0
-    """Weight of the cosine loss between each intermediate student layer and the teacher layer it was copied from."""
+    """Weight of the cosine loss between each intermediate student layer and the teacher's stream its next layer reads (train/plan.aligned_layers)."""
     align_mse: float = 0.0
-    """Weight of the MSE loss between each intermediate student layer and the teacher layer it was copied from."""
+    """Weight of the MSE loss between each intermediate student layer and the teacher's stream its next layer reads (train/plan.aligned_layers)."""
     align_layers: list[int] | None = None
     """Student layers aligned by align_cos/align_mse (default: all but the last, whose output cos/mse cover)."""
     chunk_tokens: int = 1024

@@ -62,9 +62,12 @@ def test_alignment_of_a_cut_student_matches_reference(kind):
 
 def test_alignment_pairs_follow_the_layer_map():
     config = make_config({"teacher": "t", "text": "x", "data": "d"}, max_steps=1)
-    assert aligned_layers(config, [0, 2, 5, 7], 4) == [(0, 0), (1, 2), (2, 5)]
+    # Student layer i against the teacher's stream that student layer i+1's copy reads: the
+    # output of teacher layer map[i+1] - 1 (layers 1, 3-4 and 6 were cut).
+    assert aligned_layers(config, [0, 2, 5, 7], 4) == [(0, 1), (1, 4), (2, 6)]
+    assert aligned_layers(config, [0, 1, 2, 3], 4) == [(0, 0), (1, 1), (2, 2)]  # nothing cut: its own copy
     config.loss.align_layers = [1]
-    assert aligned_layers(config, [0, 2, 5, 7], 4) == [(1, 2)]
+    assert aligned_layers(config, [0, 2, 5, 7], 4) == [(1, 4)]
     config.loss.align_layers = [3]
     with pytest.raises(ConfigError, match="choose among 0..2"):
         aligned_layers(config, [0, 2, 5, 7], 4)

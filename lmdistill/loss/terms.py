@@ -257,8 +257,8 @@ def layer_alignment_loss(
 ) -> Tensor:
     """Hidden-state loss between paired layers, averaged over the pairs.
 
-    ``student_layers[i]`` is aligned with ``teacher_layers[i]`` (for a cut student, the output
-    of student layer ``i`` and of the teacher layer it was copied from). Averaging over pairs
+    ``student_layers[i]`` is aligned with ``teacher_layers[i]`` (for a cut student, the pairs
+    of :func:`lmdistill.train.plan.aligned_layers`). Averaging over pairs
     keeps the term's scale, and so its weight, independent of how many layers are aligned.
 
     Args:

@@ -128,9 +128,14 @@ def check_cut_request(config: RunConfig, teacher_cfg: PretrainedConfig) -> None:
 def aligned_layers(config: RunConfig, layer_map: list[int] | None, num_student: int) -> list[tuple[int, int]]:
     """(student layer, teacher layer) pairs for intermediate-layer alignment.
 
-    Student layer ``i`` is aligned with teacher layer ``layer_map[i]``, the one it was copied
-    from. The last student layer is left to ``loss.cos``/``loss.mse``: its HF hidden state
-    is after the final norm, and so is comparable only with the teacher's last.
+    Student layer ``i`` is aligned with teacher layer ``layer_map[i + 1] - 1``: the residual
+    stream the teacher hands to the layer that student layer ``i + 1`` was copied from, which
+    is what that layer reads in the student too. Where teacher layers were cut between the two,
+    this asks student layer ``i`` to do their work as well; pairing it with its own copy
+    (``layer_map[i]``) would hold it to what it did in the teacher and train nothing to stand
+    in for the cut layers. Without a cut between them (width-only students) both are the same.
+    The last student layer is left to ``loss.cos``/``loss.mse``: its HF hidden state is after
+    the final norm, and so is comparable only with the teacher's last.
     """
     if layer_map is None:
         raise ConfigError(
@@ -148,7 +153,7 @@ def aligned_layers(config: RunConfig, layer_map: list[int] | None, num_student: 
     if not chosen:
         raise ConfigError("config values loss.align_cos/loss.align_mse: a 1-layer student has no intermediate layer "
                           "to align; set them to 0")
-    return [(i, layer_map[i]) for i in chosen]
+    return [(i, layer_map[i + 1] - 1) for i in chosen]
 
 
 def prepared_dir(config: RunConfig, tokenizer: PreTrainedTokenizerBase) -> Path:
