@@ -299,25 +299,6 @@ def logged_values(run_record: dict[str, Any]) -> dict[str, Any]:
             for row in run_record["steps"] + run_record["val"] for key, value in row.items()}
 
 
-def recorded_values(golden: dict[str, Any]) -> dict[str, Any]:
-    """:func:`logged_values` of a recorded run, its logit term under the name the code logs it by now.
-
-    The golden file was recorded when the logit term was logged as ``kl`` whatever
-    ``loss.divergence`` was; since issue 13 a non-KL divergence's term is logged under the
-    divergence's name (``jsd``, ``reverse_kl``: :func:`lmdistill.loss.divergences.logit_term_name`).
-    The computation is the same, so the recorded value is compared, unchanged, under the new
-    name: re-recording would throw away the values of the commit the file names. Only the
-    recorded side is renamed, so a run that still logged ``kl`` for a non-KL divergence fails.
-    """
-    from lmdistill.recipe import load_config
-    from lmdistill.loss.divergences import logit_term_name
-
-    loss = load_config(RECIPE, [item for item in golden["overrides"] if item.startswith("loss.")]).loss
-    name = logit_term_name(loss.divergence)
-    steps = [{(name if key == "kl" else key): value for key, value in row.items()} for row in golden["steps"]]
-    return logged_values({**golden, "steps": steps})
-
-
 def relative_difference(a: float, b: float) -> float:
     """``|a - b|`` relative to the larger magnitude (at least :data:`SMALL`)."""
     return 0.0 if a == b else abs(a - b) / max(abs(a), abs(b), SMALL)
@@ -330,7 +311,7 @@ def differences(golden: dict[str, Any], measured: dict[str, Any], rel: float) ->
     found = []
     if golden["student_layers"] != measured["student_layers"]:
         found.append(f"student layers {measured['student_layers']} != golden {golden['student_layers']}")
-    want, got = recorded_values(golden), logged_values(measured)
+    want, got = logged_values(golden), logged_values(measured)
     if want.keys() != got.keys():
         found.append(f"logged fields differ: missing {sorted(want.keys() - got.keys())}, "
                      f"new {sorted(got.keys() - want.keys())}")
@@ -346,7 +327,7 @@ def differences(golden: dict[str, Any], measured: dict[str, Any], rel: float) ->
 
 def largest_difference(golden: dict[str, Any], measured: dict[str, Any]) -> tuple[float, str]:
     """The largest :func:`relative_difference` over a run's logged values, and where it is."""
-    want, got = recorded_values(golden), logged_values(measured)
+    want, got = logged_values(golden), logged_values(measured)
     return max(((relative_difference(want[w], got[w]), w) for w in want.keys() & got.keys()), default=(0.0, "-"))
 
 

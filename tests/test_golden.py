@@ -13,11 +13,6 @@ those runs (scripts/record_golden.py does the work) and compares:
 - Elsewhere the kernels legitimately round differently; then each float must agree within
   REL_BOUND (measured and justified below), the cache path within CACHE_BOUND.
 
-The file was recorded when the logit term was logged as ``kl`` for every divergence; now a
-non-KL divergence's term is logged under its own name (``jsd``, ``reverse_kl``), so the
-comparison reads the recorded ``kl`` of those runs under the new name (the same computation,
-compared bit for bit: ``record_golden.recorded_values``).
-
 What "bit-identical" covers: metrics.jsonl logs each training value with 7 significant digits,
 about float32's own precision (24 bits, ~7.2 digits), so equal logged values mean equal up to
 a rounding of 5e-8 to 5e-7 relative. The validation loss and perplexity are logged in full
@@ -138,17 +133,3 @@ def test_a_small_weight_change_fails_the_comparison(workspace):
     rel, where = golden_script.largest_difference(recorded, changed)
     assert golden_script.differences(recorded, changed, REL_BOUND), f"largest difference {rel:.2e} at {where}"
     assert rel > 3 * REL_BOUND, f"the change is caught with too little margin: {rel:.2e} at {where}"
-
-
-@pytest.mark.parametrize("key", [key for key in GOLDEN["runs"] if key.endswith(("/jsd", "/reverse_kl"))])
-def test_recorded_kl_of_a_non_kl_divergence_is_compared_under_its_name(key):
-    """The recorded ``kl`` of a JSD or reverse-KL run is compared as that divergence's term, with
-    its recorded value; a run that still logged it as ``kl`` would fail (only the recorded side
-    is renamed)."""
-    recorded = GOLDEN["runs"][key]
-    name = key.split("/")[1]
-    values = golden_script.recorded_values(recorded)
-    assert values["step 1 " + name] == recorded["steps"][0]["kl"]
-    assert not any(where.endswith(" kl") for where in values)
-    found = golden_script.differences(recorded, recorded, 0.0)
-    assert found and found[0].startswith("logged fields differ") and f"step 1 {name}" in found[0]
