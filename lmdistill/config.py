@@ -331,7 +331,7 @@ class TrainConfig:
     teacher_sharding: str = "replicate"
     """Under torchrun: replicate (a full inference-only teacher on every process) or fsdp (its decoder layers sharded with FSDP2 and gathered one at a time for the forward pass; embeddings, final norm and lm_head stay replicated)."""
     precision: str = "auto"
-    """auto (bf16 autocast on CUDA devices that support it, else float32), fp32, bf16 or fp16 (autocast with a gradient scaler). Master weights and optimizer state stay float32; bf16 and fp16 are refused on the CPU, which trains in float32."""
+    """auto (bf16 autocast on CUDA devices that support it, else float32), fp32, bf16 or fp16 (autocast with a gradient scaler). Master weights and optimizer state stay float32. On the CPU, bf16 is for CPUs that compute it natively (AVX512-BF16 or AMX; about twice the float32 step rate) and fp16 is refused; auto stays float32."""
     tf32: bool = True
     """Allow TF32 for float32 matmuls and convolutions on CUDA (no effect on the CPU)."""
     compile: bool = False

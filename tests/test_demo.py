@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
-from lmdistill.demo import NEW_TOKENS, run_demo
+from lmdistill import demo
+from lmdistill.demo import NEW_TOKENS, choose_precision, precision_name, run_demo
+from lmdistill.models.device import cpu_computes_bf16
+from lmdistill.recipe import load_config
 from lmdistill.measure import speed
 
 from .helpers import save_with_tokenizer, small_text_file, tiny_gpt2
@@ -56,3 +59,17 @@ def test_demo_pipeline_on_a_tiny_teacher(tmp_path, gpt2_tokenizer, capsys, monke
     assert json.loads((out / "results.json").read_text()) == results
     assert "| student (distilled) |" in printed and results["bench"]["protocol"] in printed
     assert len(results["samples"]["teacher"]) == 3
+    # Under bf16 autocast where this CPU computes bf16 natively, float32 elsewhere; said in the log and the report.
+    native = cpu_computes_bf16()
+    assert results["precision"] == ("bf16 autocast (this CPU computes bf16 natively), float32 master weights"
+                                    if native else "float32")
+    assert f"threads, {results['precision']}" in printed and f"; {results['precision']})." in printed
+
+
+def test_demo_trains_under_bf16_only_on_a_cpu_that_computes_it(monkeypatch):
+    for native, explicit, want in [(True, [], "bf16"), (False, [], "auto"), (True, ["train.precision=fp32"], "fp32")]:
+        monkeypatch.setattr(demo, "cpu_computes_bf16", lambda: native)
+        config = load_config("smollm2-demo", ["train.device=cpu", *explicit])
+        choose_precision(config)
+        assert config.train.precision == want
+    assert precision_name(config) == "float32"

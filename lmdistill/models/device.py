@@ -1,4 +1,5 @@
-"""Devices: the one a name asks for, the one a model's inputs go to; eval mode for a block."""
+"""Devices: the one a name asks for, the one a model's inputs go to, whether a CPU computes bf16;
+eval mode for a block."""
 
 from __future__ import annotations
 
@@ -20,6 +21,14 @@ def resolve_device(name: str) -> torch.device:
     if name == "mps" and not torch.backends.mps.is_available():
         raise ModelError("device mps asked for but not available; use cpu or auto")
     return torch.device(name)
+
+
+def cpu_computes_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX512-BF16 or AMX), where bf16
+    autocast trains about twice as fast as float32; elsewhere PyTorch emulates bf16, slower
+    than float32."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
 
 
 def model_device(model: nn.Module) -> torch.device:

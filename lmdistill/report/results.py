@@ -5,7 +5,7 @@ plus what only the demo has::
 
     kind: "demo", version: 2
     teacher: str, student_layers: int, models: {label: path}
-    train: the run's summary.json, budget: str
+    train: the run's summary.json, budget: str, precision: str (how it trained, e.g. bf16 autocast)
     eval: an evaluation result (lmdistill.evaluate.results)
     bench: a bench result with generation only (lmdistill.measure.bench)
     samples: {prompts: [str], sampling: str, label: [continuation per prompt], ...}
