@@ -87,6 +87,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "no-clip": ("no clipping", ["train.max_grad_norm=0"]),
     "teacher-correction": ("teacher fine-tuned on 100,000 training tokens first",
                            ["model.teacher_correction_tokens=100000"]),
+    "bf16": ("the demo recipe under bf16 autocast, as make demo trains on a CPU with native bf16",
+             ["model.strategy=importance", "train.precision=bf16"]),
     "kd-nocos": ("live teacher, 5 KL + 2 CE (no cosine)", ["loss.cos=0"]),
     "kd-nocos-cache": ("stored teacher cache (top-64 + 256 tail samples), 5 KL + 2 CE", ["loss.cos=0", CACHE_OVERRIDE]),
 }
