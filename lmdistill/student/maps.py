@@ -59,7 +59,7 @@ def resolve_strategy(strategy: str | None, teacher_config) -> str:
 
     Llama-family teachers (SmolLM2, Llama, Mistral, Qwen...): ``importance``. On SmolLM2-135M
     it starts a 15-layer student orders of magnitude closer to the teacher than every other
-    layer, for a few seconds of calibration (README, "Choosing the layers").
+    layer, for a few seconds of calibration (README, "Choosing the student's shape and recipe").
     Others (GPT-2, GPT-Neo): ``every-other``, DistilGPT2's published map.
     """
     if strategy not in (None, "auto"):
