@@ -34,7 +34,7 @@ from .report import results as demo_results
 from .report.write import write_report
 from .student.maps import resolve_strategy
 from .train.run import run_training
-from .train.setup import resolve_precision
+from .train.setup import describe_precision, resolve_precision
 from .train.rundir import RunDir, RunDirError, check_run_dir
 
 RECIPE = "smollm2-demo"
@@ -132,13 +132,9 @@ def choose_precision(config: RunConfig) -> None:
 
 
 def precision_name(config: RunConfig) -> str:
-    """How the run trains, in words: float32, or an autocast dtype with float32 master weights."""
+    """How the demo trains, in words (train.setup.describe_precision)."""
     device = resolve_device(config.train.device)
-    dtype = resolve_precision(config.train.precision, device)
-    if dtype is None:
-        return "float32"
-    native = " (this CPU computes bf16 natively)" if device.type == "cpu" else ""
-    return f"{'bf16' if dtype == torch.bfloat16 else 'fp16'} autocast{native}, float32 master weights"
+    return describe_precision(resolve_precision(config.train.precision, device), device)
 
 
 def describe_budget(config: RunConfig) -> str:

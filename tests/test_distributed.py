@@ -372,6 +372,14 @@ def test_cpu_precision_is_float32_unless_bf16_is_native(monkeypatch):
         resolve_precision("bf16", cpu)
 
 
+def test_precision_is_described_as_it_computes():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert train_setup.describe_precision(None, cpu) == "float32"
+    assert train_setup.describe_precision(torch.bfloat16, cpu) == (
+        "bf16 autocast (this CPU computes bf16 natively), float32 master weights")
+    assert train_setup.describe_precision(torch.float16, cuda) == "fp16 autocast, float32 master weights"
+
+
 @pytest.mark.skipif(not cpu_computes_bf16(), reason="this CPU has no native bf16 (AVX512-BF16 or AMX)")
 def test_bf16_on_a_cpu_with_native_bf16_trains_with_float32_master_weights(ws, tmp_path):
     runs = {name: tmp_path / name for name in ("bf16", "fp32")}

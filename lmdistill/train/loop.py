@@ -41,7 +41,7 @@ from .rundir import (
     truncate_metrics,
     writing,
 )
-from .setup import Setup, build_setup, make_optimizer
+from .setup import Setup, build_setup, describe_precision, make_optimizer
 from .step import next_micro_batch, train_step, validate
 
 
@@ -203,7 +203,7 @@ def write_config(run: RunDir, config: RunConfig, setup: Setup, resume: bool) -> 
     if ranks.enabled:
         print(f"[lmdistill] {ranks.world_size} process(es), student {config.train.distributed}, teacher "
               f"{config.train.teacher_sharding if setup.teacher is not None else 'not used'}, device {setup.device.type}, "
-              f"{'float32' if setup.autocast is None else str(setup.autocast).removeprefix('torch.') + ' autocast'}")
+              f"{describe_precision(setup.autocast, setup.device)}")
 
 
 def begin(loop: Loop) -> None:

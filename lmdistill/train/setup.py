@@ -189,6 +189,15 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if precision == "bf16" else torch.float16
 
 
+def describe_precision(autocast: torch.dtype | None, device: torch.device) -> str:
+    """How a run computes, in words: float32, or an autocast dtype over float32 master weights."""
+    if autocast is None:
+        return "float32"
+    native = " (this CPU computes bf16 natively)" if device.type == "cpu" else ""
+    name = "bf16" if autocast == torch.bfloat16 else "fp16"  # as train.precision names them
+    return f"{name} autocast{native}, float32 master weights"
+
+
 def place_teacher(teacher: PreTrainedModel, config: RunConfig, ranks: dist.DistInfo, device: torch.device,
                   autocast: torch.dtype | None) -> None:
     """Inference only: eval mode, no gradients, weights in bf16 under bf16 autocast (never
