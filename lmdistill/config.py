@@ -309,6 +309,8 @@ class TrainConfig:
     """Gradient-norm clipping threshold (0 disables)."""
     freeze_pos_embeddings: bool = True
     """Keep learned position embeddings fixed (DistilGPT2 recipe); no effect for RoPE models."""
+    freeze_embeddings: bool = False
+    """Keep the token embeddings (and the LM head when tied to them) as the teacher's."""
     max_steps: int | None = None
     """Budget in optimiser steps."""
     max_tokens: int | None = None

@@ -127,6 +127,20 @@ def test_tiny_distillation_lowers_validation_loss(workspace, tmp_path):
     assert rows[-1]["tokens_seen"] == 30 * 4 * 32
 
 
+@pytest.mark.parametrize("freeze", [{}, {"freeze_embeddings": True, "freeze_pos_embeddings": False}])
+def test_frozen_embeddings_keep_the_teachers_values(workspace, tmp_path, freeze):
+    # Default: position embeddings frozen (DistilGPT2), token embeddings train; with
+    # freeze_embeddings the token embeddings (and the LM head tied to them) stay fixed.
+    run_training(make_config(workspace, batch_size=2, max_steps=3, **freeze), tmp_path / "run", progress=False)
+    trained = student_params(tmp_path / "run")
+    initial = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student_init").state_dict()
+    frozen = {name for name in trained if torch.equal(trained[name], initial[name])}
+    tokens, positions = "transformer.wte.weight", "transformer.wpe.weight"
+    assert (tokens in frozen) == bool(freeze) and (positions in frozen) == (not freeze), frozen
+    assert torch.equal(trained["lm_head.weight"], trained[tokens])  # still tied
+    assert "transformer.h.0.mlp.c_fc.weight" not in frozen
+
+
 def test_token_budget_sets_steps(workspace, tmp_path):
     summary = run_training(make_config(workspace, batch_size=2, max_steps=None, max_tokens=64 * 3), tmp_path / "run", progress=False)
     assert summary["step"] == 3

@@ -20,7 +20,7 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from .. import dist
-from ..config import ConfigError, RunConfig
+from ..config import ConfigError, RunConfig, TrainConfig
 from ..data.prepare import PreparedData, prepare
 from ..loss.objective import StudentObjective, logit_path
 from ..models.arch import architecture_of, decoder_layers
@@ -219,7 +219,7 @@ def prepare_student(student: PreTrainedModel, config: RunConfig, ranks: dist.Dis
     buckets the ones that need gradients when it is built) and activation checkpointing;
     and, under torchrun, that every rank built the same student."""
     train = config.train
-    trainable_parameters(student, train.freeze_pos_embeddings)  # freezes position embeddings
+    trainable_parameters(student, train)  # freezes the embeddings the config keeps fixed
     if train.activation_checkpointing:
         if not getattr(student, "supports_gradient_checkpointing", False):
             raise ConfigError(f"config value train.activation_checkpointing: {type(student).__name__} does not support "
@@ -247,15 +247,19 @@ def compile_layers(layers: nn.ModuleList) -> None:
         layer.forward = torch.compile(layer.forward)
 
 
-def trainable_parameters(student: PreTrainedModel, freeze_pos_embeddings: bool) -> list[nn.Parameter]:
+def trainable_parameters(student: PreTrainedModel, train: TrainConfig) -> list[nn.Parameter]:
+    """The student's parameters that train; marks the frozen ones (train.freeze_*) first."""
     arch = architecture_of(student)
-    if freeze_pos_embeddings and arch.pos_embed:
+    if train.freeze_pos_embeddings and arch.pos_embed:
         student.get_submodule(arch.pos_embed).requires_grad_(False)
+    if train.freeze_embeddings:
+        # A tied LM head is the same tensor; an untied one trains (it reads the student's stream).
+        student.get_input_embeddings().requires_grad_(False)
     return [p for p in student.parameters() if p.requires_grad]
 
 
 def make_optimizer(config: RunConfig, student: PreTrainedModel) -> torch.optim.AdamW:
-    params = trainable_parameters(student, config.train.freeze_pos_embeddings)
+    params = trainable_parameters(student, config.train)
     # Biases and norm gains get no weight decay (standard practice; no-op at the recipe's 0).
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]
