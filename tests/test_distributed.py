@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import re
 import socket
 import subprocess
 import sys
@@ -411,7 +412,10 @@ def test_an_error_under_torchrun_stops_every_process(ws, tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "lmdistill distill: error: config value train.precision: fp16 autocast is for CUDA" in out
-    assert "lmdistill distill (rank 1): error: config value train.precision" in out
+    # Rank 1 either reports the same error itself or, when rank 0's exit reaches it first,
+    # is stopped by torchrun with a signal (a race, seen once in a full run): both stop it.
+    assert ("lmdistill distill (rank 1): error: config value train.precision" in out
+            or re.search(r"Signal \d+ \(SIG[A-Z]+\) received", out)), out
     assert not (tmp_path / "run").exists()
 
 
