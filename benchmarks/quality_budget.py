@@ -86,7 +86,7 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
                            ["model.teacher_correction_tokens=100000"]),
     "bf16": ("the demo recipe under bf16 autocast, as make demo trains on a CPU with native bf16",
              ["model.strategy=importance", "train.precision=bf16"]),
-    "freeze-emb": ("token embeddings (and the tied head) frozen: no head-weight gradient, ~20% faster steps",
+    "freeze-emb": ("token embeddings (and the tied head) frozen: no head-weight gradient, ~13% faster steps",
                    ["model.strategy=importance", "train.freeze_embeddings=true"]),
     "kd-nocos": ("live teacher, 5 KL + 2 CE (no cosine)", ["loss.cos=0"]),
     "kd-nocos-cache": ("stored teacher cache (top-64 + 256 tail samples), 5 KL + 2 CE", ["loss.cos=0", CACHE_OVERRIDE]),
