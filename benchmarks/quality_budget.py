@@ -1,27 +1,20 @@
 """Quality per budget: test perplexity of the demo pair against training tokens or minutes, for named variants.
 
-Run from the repository root; docs/quality_budget.md describes the options and protocols:
-
-    PYTHONPATH=. python benchmarks/quality_budget.py --out runs/quality_budget
-    PYTHONPATH=. python benchmarks/quality_budget.py --protocol loco --minutes 30 --variants importance-kd \\
-        --variant mine=loss.temperature=1.0,train.lr=2e-3
-
-Each run is the bundled ``smollm2-demo`` recipe with a budget of training tokens (``--tokens``)
-or minutes (``--minutes``, as ``train.max_minutes``: time in optimiser steps) plus a variant's
-``section.field=value`` overrides (``VARIANTS``, or ``--variant NAME=OVERRIDE,OVERRIDE``). It
-stops at each curve point (``--points`` evenly spaced steps for tokens, every
-``--curve-every`` steps and the end for minutes) with a checkpoint, is scored on the first
-``--eval-tokens`` tokens of each bundled test split, and resumes exactly. ``--protocol loco``
-trains each variant once per held-out corpus on the other two (the held-out ratio beside the
-in-domain ones). A failing variant is recorded, the others go on. Results:
-``OUT/results.json`` (after every run; a rerun skips finished runs and retries failed ones),
-``OUT/quality_budget.md`` and ``OUT/quality_budget.png``.
+Run from the repository root (docs/quality_budget.md describes the options and protocols):
+``PYTHONPATH=. python benchmarks/quality_budget.py --out runs/quality_budget [--protocol loco --minutes 30]``. Each run is the bundled ``smollm2-demo`` recipe with a budget of training tokens (``--tokens``)
+or minutes (``--minutes``: time in optimiser steps) plus a variant's overrides (``VARIANTS``, or
+``--variant NAME=OVERRIDE,OVERRIDE``). It stops at each curve point with a checkpoint, is scored
+on the first ``--eval-tokens`` tokens of each bundled test split, and resumes exactly. ``--protocol
+loco`` trains each variant once per held-out corpus on the other two. A failing variant is
+recorded, the others go on. Results: ``OUT/results.json`` (after every run; a rerun skips finished
+runs and retries failed ones), ``OUT/quality_budget.md`` and ``OUT/quality_budget.png``.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import math
 import re
@@ -158,19 +151,28 @@ def choose_variants(names: list[str], ad_hoc: list[str]) -> dict[str, tuple[str,
     return chosen
 
 
+def added_sources(overrides: list[str]) -> list[str]:
+    """The sources other than bundled corpora in the last data.sources=[...] of ``overrides``."""
+    lists = [o.partition("=")[2].strip("[]") for o in overrides if o.startswith("data.sources=")]
+    return [s.strip() for s in lists[-1].split(",") if s.strip() and not s.strip().startswith("corpus:")] if lists else []
+
+
 def make_jobs(variants: dict[str, tuple[str, list[str]]], holdouts: list[str] | None, corpora: list[str],
               base_overrides: list[str]) -> list[Job]:
     """In-domain: one job per variant; loco: one per (variant, held-out corpus), trained on the
-    others (a data.prepared_dir given for every run gets one sub-folder per training set)."""
+    others and on any source other than a bundled corpus that the variant's data.sources names
+    (a generate-corpus folder, say); a data.prepared_dir given for every run gets one sub-folder
+    per training set."""
     if holdouts is None:
         return [Job(name, name, desc, overrides) for name, (desc, overrides) in variants.items()]
     prepared = [o.partition("=")[2] for o in base_overrides if o.startswith("data.prepared_dir=")]
     jobs = []
     for held in holdouts:
-        data = [f"data.sources=[{','.join(f'corpus:{c}' for c in corpora if c != held)}]"]
-        data += [f"data.prepared_dir={prepared[-1]}/without-{held}"] if prepared else []
-        jobs += [Job(f"{name}--holdout-{held}", name, desc, [*overrides, *data], held)
-                 for name, (desc, overrides) in variants.items()]
+        for name, (desc, overrides) in variants.items():
+            sources = [f"corpus:{c}" for c in corpora if c != held] + added_sources(overrides)
+            data = [f"data.sources=[{','.join(sources)}]"]
+            data += [f"data.prepared_dir={prepared[-1]}/without-{held}"] if prepared else []
+            jobs.append(Job(f"{name}--holdout-{held}", name, desc, [*overrides, *data], held))
     return jobs
 
 
@@ -200,10 +202,7 @@ def segment_ends(config, budget: RunBudget, points: int, curve_every: int):
         # The steps the run will take: a token budget rounds down to whole steps, as in training.
         yield from stop_steps(Budget.from_config(None, budget.tokens, None, tokens_per_step).total_steps, points)[1:]
         return
-    step = 0
-    while True:
-        step += curve_every
-        yield step
+    yield from itertools.count(curve_every, curve_every)
 
 
 def with_teacher_cache(overrides: list[str], out: Path) -> tuple[list[str], dict[str, Any] | None]:

@@ -16,7 +16,7 @@ ROOT = Path(lmdistill.__file__).parent
 ORDER = [
     "errors", "atomic", "markdown", "config", "recipe", "schedule", "dist", "models", "data",
     "loss", "teacher_cache", "student", "generate",
-    "evaluate", "train", "measure",
+    "evaluate", "train", "measure", "teacher_text",
     "report", "demo", "cli", "__main__",
 ]
 

@@ -155,6 +155,10 @@ def test_variant_arguments(qb):
     assert [(j.key, j.holdout, j.overrides[-1]) for j in jobs] == [
         ("t1--holdout-austen", "austen", "data.sources=[corpus:moby_dick,corpus:sotu]"),
         ("t1--holdout-sotu", "sotu", "data.sources=[corpus:austen,corpus:moby_dick]")]
+    # A variant's own text beside the corpora (teacher-written, say) stays in its training set.
+    variants = qb.choose_variants([], ["gen=data.sources=[corpus:all,/x/gen],train.lr=1e-3"])
+    (job,) = qb.make_jobs(variants, ["sotu"], ["austen", "moby_dick", "sotu"], [])
+    assert job.overrides[-1] == "data.sources=[corpus:austen,corpus:moby_dick,/x/gen]"
 
 
 def test_shape_variants_keep_the_demo_students_parameters(qb):

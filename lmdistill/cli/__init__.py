@@ -2,6 +2,7 @@
 
     lmdistill prepare       text sources -> token shards
     lmdistill init-student  cut a student from a teacher
+    lmdistill generate-corpus sample the teacher's own text into a corpus (sequence-level KD)
     lmdistill cache-teacher store the teacher's top-k logits and tail samples over prepared token shards
     lmdistill distill       train a student (or --resume a run)
     lmdistill eval          perplexity of several models under one protocol

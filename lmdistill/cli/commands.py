@@ -77,6 +77,53 @@ def _flag(name: str, value: object) -> str:
     return f"--{'dtype' if name == 'value_dtype' else name.replace('_', '-')} {value}"
 
 
+def cmd_generate_corpus(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..data.prepare import prepare
+    from ..data.sources import parse_source
+    from ..generate import check_length, encode_prompt
+    from ..models.device import cpu_computes_bf16, resolve_device
+    from ..models.fingerprint import model_fingerprint
+    from ..models.load import load_model, load_tokenizer
+    from ..teacher_text import TextSettings, write_corpus
+    from ..train.plan import default_prepared_dir
+
+    if args.prompts:
+        parse_source(args.prompts)  # fail on a bad source before loading the teacher
+    tokenizer = load_tokenizer(args.teacher)
+    device = resolve_device(args.device)
+    precision = args.precision
+    if precision == "auto":  # bf16 where the hardware computes it natively, else float32
+        native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_computes_bf16()
+        precision = "bf16" if native else "fp32"
+    teacher = load_model(args.teacher, device=device)
+    start = encode_prompt(tokenizer, "")
+    prompt_data = None
+    if args.prompts:
+        data = prepare(tokenizer, [args.prompts], default_prepared_dir([args.prompts], tokenizer),
+                       splits=["train"], tokenizer_name=args.teacher)
+        prompt_data = data.tokens("train")
+    settings = TextSettings(
+        teacher=args.teacher, teacher_fingerprint=model_fingerprint(teacher), prompts=args.prompts,
+        prompt_tokens=args.prompt_tokens if args.prompts else len(start), new_tokens=args.new_tokens,
+        batch_size=args.batch_size, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+        precision=precision)
+    check_length(teacher, settings.prompt_tokens, settings.new_tokens)
+    if precision == "bf16":
+        teacher = teacher.to(torch.bfloat16)
+    end_ids = set(tokenizer.all_special_ids)  # end of document, and chat markers that are no prose
+
+    def progress(done: int, target: int) -> None:
+        print(f"generate-corpus: {done:,} / {target:,} tokens", flush=True)
+
+    total = write_corpus(teacher, tokenizer, Path(args.out), settings, args.tokens, prompt_data, end_ids, start,
+                         progress=progress)
+    print(f"wrote {args.out}: {total:,} tokens of {args.teacher}'s text ({precision}); train on it with "
+          f"data.sources=[..., {args.out}]")
+    return 0
+
+
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
     from ..data.errors import DataError
     from ..data.prepare import load_prepared, prepare

@@ -21,6 +21,7 @@ from .commands import (
     cmd_distill,
     cmd_eval,
     cmd_generate,
+    cmd_generate_corpus,
     cmd_init_student,
     cmd_prepare,
     cmd_report,
@@ -108,6 +109,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int_at_least(1), default=1, help="processes sharing the work, each writing its own part")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.set_defaults(parser=p, func=cmd_cache_teacher)
+
+    p = sub.add_parser("generate-corpus", help="sample the teacher's own text into a corpus that distill reads",
+                       description="Sample continuations from the teacher (unconditional, or after prompt windows "
+                                   "from --prompts) into JSON-lines parts in --out, a local source for "
+                                   "data.sources (sequence-level distillation). Seeded per batch: a killed run "
+                                   "continues where it stopped when rerun, and a larger --tokens extends the corpus.")
+    p.add_argument("--teacher", required=True, help="teacher MODEL")
+    p.add_argument("--tokens", type=int_at_least(1), required=True, help="stop once the corpus holds this many new tokens")
+    p.add_argument("--out", required=True, help="corpus folder (created, or extended with the same settings)")
+    p.add_argument("--prompts", help="SOURCE whose train split gives prompt windows (default: unconditional samples)")
+    p.add_argument("--prompt-tokens", type=int_at_least(1), default=32, help="tokens per prompt window (with --prompts)")
+    p.add_argument("--new-tokens", type=int_at_least(1), default=256, help="tokens sampled per row (a sampled end-of-document starts a new document)")
+    p.add_argument("--batch-size", type=int_at_least(1), default=64, help="rows sampled together (one part file each batch)")
+    p.add_argument("--temperature", type=number("a number > 0", lambda v: v > 0), default=1.0)
+    p.add_argument("--top-p", type=number("a number in (0, 1]", lambda v: 0 < v <= 1), default=0.95,
+                   help="nucleus sampling (default 0.95: trims the tail a small model samples into noise; 1 keeps "
+                        "the teacher's distribution)")
+    p.add_argument("--seed", type=int_at_least(0), default=0)
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="the teacher's weights while sampling (auto: bf16 where the hardware computes it natively)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
+    p.set_defaults(parser=p, func=cmd_generate_corpus)
 
     p = sub.add_parser("distill", help="train a student from a recipe, or resume a run",
                        description="Train a student from a recipe, or resume a run. On several GPUs or nodes, launch it "

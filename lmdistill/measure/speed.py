@@ -79,13 +79,13 @@ class Clock:
         return b - a
 
 
-def _cache_kwarg(model) -> str:
+def cache_kwarg(model) -> str:
     # transformers 5.x renamed forward(past_key_values=) to forward(cache=).
     params = inspect.signature(model.forward).parameters
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _returned_cache(out):
+def returned_cache(out):
     cache = out.get("cache") if hasattr(out, "get") else None
     return cache if cache is not None else out.past_key_values
 
@@ -107,17 +107,17 @@ def time_generation(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int,
     ``new_tokens + 1`` (the last one is produced but never fed back). The token choice stays
     on the device, so there is no host sync inside the loop.
     """
-    cache_kw = _cache_kwarg(model)
+    cache_kw = cache_kwarg(model)
     keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     start = clock.start()
     out = model(prompt_ids, use_cache=True, **keep)
     token = out.logits[:, -1:].argmax(-1)
-    cache = _returned_cache(out)
+    cache = returned_cache(out)
     produced = [token]
     prefilled = clock.mark()
     for _ in range(new_tokens):
         out = model(token, use_cache=True, **{cache_kw: cache})
-        cache = _returned_cache(out)
+        cache = returned_cache(out)
         token = out.logits[:, -1:].argmax(-1)
         produced.append(token)
     end = clock.mark()
