@@ -195,9 +195,19 @@ class DataConfig:
     """Where token shards live; default: a folder in the cache keyed by sources and tokenizer."""
     block_size: int = 256
     """Tokens per training sequence (at most the model's context length; DistilGPT2 used 1024)."""
+    repeats: list[float] | None = None
+    """Times each source's training blocks appear per epoch, one number per data.sources entry (a
+    fraction draws that share afresh each epoch); default: every block once, a source weighing its size."""
 
     def __post_init__(self) -> None:
         _check(len(self.sources) > 0, "data.sources", "must name at least one source")
+        if self.repeats is not None:
+            _check(len(self.repeats) == len(self.sources), "data.repeats",
+                   f"has {len(self.repeats)} numbers for {len(self.sources)} data.sources; give one per source")
+            _check(all(math.isfinite(r) and r > 0 for r in self.repeats), "data.repeats",
+                   f"{self.repeats}: every repeat must be a finite number > 0")
+            _check(len(set(self.sources)) == len(self.sources), "data.repeats",
+                   "needs each source listed once in data.sources")
         _check(8 <= self.block_size <= 1 << 20, "data.block_size", f"{self.block_size} must be between 8 and 1048576")
 
 

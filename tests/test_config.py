@@ -246,6 +246,10 @@ def test_override_type_errors_name_the_field(override, field):
     (["loss.divergence=skew_kl", "loss.skew_alpha=-0.1"], "loss.skew_alpha"),
     (["loss.divergence=skew_reverse_kl", "loss.skew_alpha=nan"], "loss.skew_alpha"),
     (["loss.divergence=jsd", "loss.jsd_beta=true"], "loss.jsd_beta"),
+    (["data.sources=[corpus:austen,corpus:sotu]", "data.repeats=[1]"], "data.repeats"),
+    (["data.sources=[corpus:austen,corpus:sotu]", "data.repeats=[1,0]"], "data.repeats"),
+    (["data.sources=[corpus:austen,corpus:sotu]", "data.repeats=[1,nan]"], "data.repeats"),
+    (["data.sources=[corpus:austen,corpus:austen]", "data.repeats=[1,2]"], "data.repeats"),
 ])
 def test_out_of_range_values_name_the_field(override, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -533,3 +533,35 @@ def test_sampler_too_short_data():
     s = BlockSampler(num_tokens=65, block_size=64, batch_size=1, seed=0)
     with pytest.raises(DataError, match="same split"):
         s.next_batch(np.zeros(100, dtype=np.uint16))
+
+
+def _epoch_starts(sampler: BlockSampler, tokens: np.ndarray) -> list[int]:
+    starts = []
+    while len(starts) < sampler.blocks_per_epoch:
+        starts += sampler.next_batch(tokens)[0][:, 0].tolist()
+    return starts[: sampler.blocks_per_epoch]
+
+
+def test_sampler_repeats_weigh_each_source_per_epoch():
+    # Three sources of 40, 25 and 36 tokens in one stream of 101: blocks of 10 start at tokens 0..90,
+    # so blocks 0-3 are the first source's, 4-6 the second's (40, 50, 60) and 7-9 the third's.
+    tokens = np.arange(101, dtype=np.uint32)
+    ones = BlockSampler(len(tokens), 10, 3, seed=5, repeats=[(40, 1), (25, 1), (36, 1)])
+    assert _epoch_starts(ones, tokens) == _epoch_starts(BlockSampler(len(tokens), 10, 3, seed=5), tokens)
+    weighted = BlockSampler(len(tokens), 10, 4, seed=5, repeats=[(40, 2), (25, 1), (36, 1 / 3)])
+    assert weighted.epoch_size == 8 + 3 + 1
+    for epoch in range(3):
+        starts = _epoch_starts(weighted, tokens)
+        counts = np.bincount(np.array(starts) // 10, minlength=10)
+        assert counts[:4].tolist() == [2, 2, 2, 2] and counts[4:7].tolist() == [1, 1, 1]
+        assert counts[7:].sum() == 1  # a third of the last source's 3 blocks, drawn afresh each epoch
+    # Resuming mid-epoch gives the same blocks; other repeats are refused.
+    state = json.loads(json.dumps(weighted.state_dict()))
+    twin = BlockSampler(len(tokens), 10, 4, seed=5, repeats=[(40, 2), (25, 1), (36, 1 / 3)])
+    twin.load_state_dict(state)
+    for (x1, _), (x2, _) in zip(_batches(weighted, tokens, 7), _batches(twin, tokens, 7)):
+        assert torch.equal(x1, x2)
+    with pytest.raises(DataError, match="same data.repeats"):
+        BlockSampler(len(tokens), 10, 4, seed=5, repeats=[(40, 1), (25, 1), (36, 1)]).load_state_dict(state)
+    with pytest.raises(DataError, match="prepare the data again"):
+        BlockSampler(len(tokens), 10, 4, seed=5, repeats=[(40, 1), (25, 1)])

@@ -141,6 +141,26 @@ def test_frozen_embeddings_keep_the_teachers_values(workspace, tmp_path, freeze)
     assert "transformer.h.0.mlp.c_fc.weight" not in frozen
 
 
+def test_source_repeats_weigh_the_training_mix_and_resume(workspace, tmp_path, capsys):
+    second = tmp_path / "second.txt"
+    second.write_text(workspace["text"].read_text()[:32_000])
+    sources = [str(workspace["text"]), str(second)]
+    config = load_config(None, [f"model.teacher={workspace['teacher']}", "model.num_layers=2",
+                                f"data.sources=[{','.join(sources)}]", f"data.prepared_dir={tmp_path / 'data'}",
+                                "data.repeats=[1,2.5]", "data.block_size=32", "train.batch_size=2",
+                                "train.max_steps=4", "train.eval_every=0", "train.checkpoint_every=2", "train.threads=1"])
+    run = tmp_path / "run"
+    run_training(config, run, stop_at_step=2, progress=False)
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())["splits"]["train"]["by_source"]
+    first, other = meta[sources[0]]["tokens"], meta[sources[1]]["tokens"]
+    share = 2.5 * other / (first + 2.5 * other)
+    mix = [line for line in capsys.readouterr().out.splitlines() if "training mix per epoch" in line]
+    assert mix and f"{sources[1]} {other:,} tokens x 2.5 ({share:.0%})" in mix[0]
+    state = torch.load(RunDir(run).latest_checkpoint() / "trainer_state.pt", weights_only=False)
+    assert state["sampler"]["repeats"] == [[first, 1.0], [other, 2.5]]
+    assert run_training(None, run, resume=True, progress=False)["step"] == 4
+
+
 def test_token_budget_sets_steps(workspace, tmp_path):
     summary = run_training(make_config(workspace, batch_size=2, max_steps=None, max_tokens=64 * 3), tmp_path / "run", progress=False)
     assert summary["step"] == 3

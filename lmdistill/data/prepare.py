@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from itertools import islice
 from pathlib import Path
@@ -88,6 +88,7 @@ class PreparedData:
     vocab_size: int
     eos_token_id: int
     reused: bool
+    by_source: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> source spec -> tokens, in order
 
     def tokens(self, split: str) -> np.ndarray:
         """The verified tokens of ``split`` as a read-only memmap."""
@@ -107,6 +108,8 @@ def _from_meta(out_dir: Path, meta: dict, reused: bool) -> PreparedData:
         vocab_size=int(meta["tokenizer"]["vocab_size"]),
         eos_token_id=int(meta["tokenizer"]["eos_token_id"]),
         reused=reused,
+        by_source={s: {spec: int(v["tokens"]) for spec, v in info.get("by_source", {}).items()}
+                   for s, info in meta["splits"].items()},
     )
 
 

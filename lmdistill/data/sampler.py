@@ -7,6 +7,13 @@ token but the first is a label exactly once per epoch. Each epoch visits all
 ``world_size`` takes positions ``r, r + world_size, ...`` of it, after dropping the remainder
 so that all ranks see the same number of blocks (DDP ranks must step together).
 
+With ``repeats`` (one ``(tokens, repeat)`` pair per source, in the order the sources were
+prepared into the split), an epoch holds each source's blocks ``repeat`` times: an integer part
+as whole copies, a fraction as that share of the source's blocks drawn afresh each epoch (so a
+small source, such as teacher-written text, can weigh more than its size, or a large one less).
+A block belongs to the source its first token comes from. Without ``repeats``, or with every
+repeat 1, an epoch is one permutation of all blocks.
+
 The sampler's position is two integers (epoch, index into this rank's blocks), identical on
 every rank, so rank 0's ``state_dict`` resumes every rank.
 
@@ -20,6 +27,8 @@ The epochs differ only when ``world_size`` does not divide the number of blocks:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 
@@ -31,7 +40,8 @@ _STATE_VERSION = 1
 class BlockSampler:
     """Batches of ``(input_ids, labels)``, each ``(batch_size, block_size)`` int64."""
 
-    def __init__(self, num_tokens: int, block_size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, num_tokens: int, block_size: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1,
+                 repeats: Sequence[tuple[int, float]] | None = None) -> None:
         if block_size < 1 or batch_size < 1:
             raise ValueError(f"block_size and batch_size must be >= 1, got {block_size} and {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -51,7 +61,15 @@ class BlockSampler:
         self.rank = rank
         self.world_size = world_size
         self.num_blocks = num_blocks
-        self.blocks_per_epoch = num_blocks // world_size  # per rank
+        self.repeats = _check_repeats(repeats, num_tokens)
+        self._sources = _source_blocks(self.repeats, block_size, num_blocks)
+        self._plain = self.repeats is None or all(r == 1 for _, r in self.repeats)  # every block once: as without
+        self.epoch_size = num_blocks if self.repeats is None else sum(
+            int(r) * (end - first) + round((r % 1) * (end - first)) for first, end, r in self._sources)
+        if self.epoch_size < world_size:
+            raise DataError(f"the repeats leave {self.epoch_size} block(s) an epoch, fewer than the {world_size} "
+                            "rank(s); raise data.repeats")
+        self.blocks_per_epoch = self.epoch_size // world_size  # per rank
         self._epoch = 0
         self._pos = 0  # index into this rank's blocks of the current epoch
         self._order_epoch = -1
@@ -68,10 +86,20 @@ class BlockSampler:
 
     def _rank_blocks(self, epoch: int) -> np.ndarray:
         if self._order_epoch != epoch:
-            perm = np.random.default_rng([self.seed, epoch]).permutation(self.num_blocks)
+            rng = np.random.default_rng([self.seed, epoch])
+            perm = rng.permutation(self.num_blocks) if self._plain else self._weighted_epoch(rng)
             self._order = perm[: self.blocks_per_epoch * self.world_size][self.rank :: self.world_size]
             self._order_epoch = epoch
         return self._order
+
+    def _weighted_epoch(self, rng: np.random.Generator) -> np.ndarray:
+        pool = []
+        for first, end, repeat in self._sources:
+            blocks = np.arange(first, end)
+            pool += [blocks] * int(repeat)
+            pool.append(rng.choice(blocks, size=round((repeat % 1) * len(blocks)), replace=False))
+        pool = np.concatenate(pool)
+        return pool[rng.permutation(len(pool))]
 
     def _next_blocks(self) -> np.ndarray:
         picked = []
@@ -116,6 +144,7 @@ class BlockSampler:
             "block_size": self.block_size,
             "seed": self.seed,
             "world_size": self.world_size,
+            **({"repeats": [list(pair) for pair in self.repeats]} if self.repeats is not None else {}),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -132,14 +161,18 @@ class BlockSampler:
                     f"sampler state is for {key}={state.get(key)}, this sampler has "
                     f"{key}={getattr(self, key)}; resume with the same data and settings"
                 )
+        saved_repeats = state.get("repeats")
+        if (None if saved_repeats is None else [tuple(pair) for pair in saved_repeats]) != self.repeats:
+            raise DataError(f"sampler state has source repeats {saved_repeats}, this sampler {self.repeats}; "
+                            "resume with the same data.repeats")
         saved_world = int(state.get("world_size", 1))
         epoch, position = int(state["epoch"]), int(state["position"])
-        if epoch < 0 or not 0 <= position < self.num_blocks // saved_world:
+        if epoch < 0 or not 0 <= position < self.epoch_size // saved_world:
             raise DataError(f"sampler state position {position} / epoch {epoch} is out of range")
         if saved_world != self.world_size:
             consumed = position * saved_world  # blocks of this epoch's permutation already taken
             if consumed % self.world_size:
-                fits = sorted(w for w in range(1, consumed + 1) if consumed % w == 0 and w <= self.num_blocks)
+                fits = sorted(w for w in range(1, consumed + 1) if consumed % w == 0 and w <= self.epoch_size)
                 raise DataError(
                     f"the run stopped after block {consumed:,} of epoch {epoch} with {saved_world} process(es); "
                     f"{self.world_size} processes cannot split the rest of the epoch where it stopped. Resume with "
@@ -151,3 +184,26 @@ class BlockSampler:
                 epoch, position = epoch + 1, 0
         self._epoch = epoch
         self._pos = position
+
+
+def _check_repeats(repeats: Sequence[tuple[int, float]] | None, num_tokens: int) -> list[tuple[int, float]] | None:
+    if repeats is None:
+        return None
+    pairs = [(int(tokens), float(repeat)) for tokens, repeat in repeats]
+    if sum(tokens for tokens, _ in pairs) != num_tokens:
+        raise DataError(f"the sources' token counts add up to {sum(t for t, _ in pairs):,}, not the split's "
+                        f"{num_tokens:,}; prepare the data again")
+    if any(not np.isfinite(r) or r <= 0 for _, r in pairs):
+        raise DataError(f"every source repeat must be a finite number > 0, got {[r for _, r in pairs]}")
+    return pairs
+
+
+def _source_blocks(repeats: list[tuple[int, float]] | None, block_size: int, num_blocks: int) -> list[tuple[int, int, float]]:
+    """``(first block, end block, repeat)`` per source: block ``i`` belongs to the source of token ``i * block_size``."""
+    ranges, start = [], 0
+    for tokens, repeat in repeats or []:
+        first, end = -(-start // block_size), min(-(-(start + tokens) // block_size), num_blocks)
+        if end > first:
+            ranges.append((first, end, repeat))
+        start += tokens
+    return ranges

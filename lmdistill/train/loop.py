@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .. import dist
 from ..atomic import write_text_atomic
 from ..config import RunConfig
+from ..data.errors import DataError
 from ..data.sampler import BlockSampler
 from ..errors import NonFiniteError
 from ..models.arch import count_parameters
@@ -93,8 +94,11 @@ def train(run: RunDir, config: RunConfig, resume: bool, stop_at_step: int | None
     if setup is None:
         setup = build_setup(config, student_init=checkpoint / "student" if checkpoint else None, ranks=ranks)
     write_config(run, config, setup, resume)
+    repeats = source_repeats(config, setup.data.by_source.get("train", {}))
+    if repeats is not None and ranks.is_main:
+        print(describe_mix(config.data.sources, repeats))
     sampler = BlockSampler(len(setup.data.tokens("train")), config.data.block_size, config.train.batch_size,
-                           seed=config.train.seed, rank=ranks.rank, world_size=ranks.world_size)
+                           seed=config.train.seed, rank=ranks.rank, world_size=ranks.world_size, repeats=repeats)
     budget = Budget.from_config(config.train.max_steps, config.train.max_tokens, config.train.max_minutes,
                                 tokens_per_step(sampler, config, ranks))
     loop = Loop(run, setup, make_optimizer(config, setup.student), sampler, budget,
@@ -110,6 +114,23 @@ def train(run: RunDir, config: RunConfig, resume: bool, stop_at_step: int | None
               + (" (under torchrun, with the same launch command)" if ranks.enabled else ""))
         return run_summary(run, done, finished=False)
     return finish(loop, watch)
+
+
+def source_repeats(config: RunConfig, train_tokens: dict[str, int]) -> list[tuple[int, float]] | None:
+    """``(tokens, repeat)`` per training source for the sampler (None without data.repeats)."""
+    if config.data.repeats is None:
+        return None
+    missing = [spec for spec in config.data.sources if spec not in train_tokens]
+    if missing or len(train_tokens) != len(config.data.sources):
+        raise DataError(f"the prepared data does not record the train tokens of each source ({', '.join(missing)}); "
+                        "prepare it again (delete data.prepared_dir) to use data.repeats")
+    return [(train_tokens[spec], repeat) for spec, repeat in zip(config.data.sources, config.data.repeats)]
+
+
+def describe_mix(sources: list[str], repeats: list[tuple[int, float]]) -> str:
+    total = sum(tokens * repeat for tokens, repeat in repeats)
+    return "[lmdistill] training mix per epoch: " + ", ".join(
+        f"{spec} {tokens:,} tokens x {repeat:g} ({tokens * repeat / total:.0%})" for spec, (tokens, repeat) in zip(sources, repeats))
 
 
 def tokens_per_step(sampler: BlockSampler, config: RunConfig, ranks: dist.DistInfo) -> int:
