@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -17,7 +18,7 @@ from lmdistill import teacher_text
 from lmdistill.data.sources import parse_source
 from lmdistill.teacher_text import TeacherTextError, TextSettings, sample_next, sample_rows, write_corpus
 
-from .helpers import save_with_tokenizer, softmax64, tiny_gpt2
+from .helpers import save_with_tokenizer, small_text_file, softmax64, tiny_gpt2
 
 
 def nucleus64(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray:
@@ -158,3 +159,20 @@ def test_a_killed_generate_corpus_continues_to_the_same_files(gpt2_tokenizer, tm
     out, _ = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, out
     assert corpus_files(tmp_path / "killed") == corpus_files(tmp_path / "reference")
+
+
+def test_cli_prompts_are_windows_of_the_source_text(gpt2_tokenizer, tmp_path):
+    save_with_tokenizer(tiny_gpt2(n_layer=2, seed=2), gpt2_tokenizer, tmp_path / "teacher")
+    text = small_text_file(tmp_path)
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmdistill", "generate-corpus", "--teacher", str(tmp_path / "teacher"), "--tokens", "60",
+         "--out", str(tmp_path / "c"), "--prompts", str(text), "--prompt-tokens", "8", "--batch-size", "4",
+         "--new-tokens", "16", "--precision", "fp32", "--device", "cpu"],
+        capture_output=True, text=True, env={**os.environ, "LMDISTILL_CACHE": str(tmp_path / "cache")}, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())["settings"]
+    assert manifest["prompts"] == str(text) and manifest["prompt_tokens"] == 8 and manifest["precision"] == "fp32"
+    prompts = [json.loads(line)["prompt"] for part in sorted((tmp_path / "c").glob("part-*.jsonl"))
+               for line in part.read_text().splitlines()]
+    within = [p for p in prompts if p and "<|endoftext|>" not in p]  # windows inside one document
+    assert within and all(p in text.read_text() for p in within)

@@ -101,8 +101,9 @@ def cmd_generate_corpus(args: argparse.Namespace) -> int:
     start = encode_prompt(tokenizer, "")
     prompt_data = None
     if args.prompts:
+        # All splits, as distill prepares them, so that both share one cached folder.
         data = prepare(tokenizer, [args.prompts], default_prepared_dir([args.prompts], tokenizer),
-                       splits=["train"], tokenizer_name=args.teacher)
+                       tokenizer_name=args.teacher)
         prompt_data = data.tokens("train")
     settings = TextSettings(
         teacher=args.teacher, teacher_fingerprint=model_fingerprint(teacher), prompts=args.prompts,
