@@ -1,8 +1,9 @@
 """Quality per budget: test perplexity of the demo pair against training tokens or minutes, for named variants.
 
 Run from the repository root (docs/quality_budget.md describes the options and protocols):
-``PYTHONPATH=. python benchmarks/quality_budget.py --out runs/quality_budget [--protocol loco --minutes 30]``. Each run is the bundled ``smollm2-demo`` recipe with a budget of training tokens (``--tokens``)
-or minutes (``--minutes``: time in optimiser steps) plus a variant's overrides (``VARIANTS``, or
+``PYTHONPATH=. python benchmarks/quality_budget.py --out runs/quality_budget [--protocol loco --minutes 30]``.
+Each run is the bundled ``smollm2-demo`` recipe with a budget of training tokens (``--tokens``) or
+minutes (``--minutes``: time in optimiser steps) plus a variant's overrides (``VARIANTS``, or
 ``--variant NAME=OVERRIDE,OVERRIDE``). It stops at each curve point with a checkpoint, is scored
 on the first ``--eval-tokens`` tokens of each bundled test split, and resumes exactly. ``--protocol
 loco`` trains each variant once per held-out corpus on the other two. A failing variant is

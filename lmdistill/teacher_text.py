@@ -21,7 +21,6 @@ killed at any point and rerun writes the same files as one that never stopped, a
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 from collections.abc import Callable
@@ -34,7 +33,8 @@ from torch import nn
 
 from .atomic import remove_leftovers, write_text_atomic
 from .errors import LmdistillError
-from .measure.speed import cache_kwarg, returned_cache
+from .measure.speed import cache_kwarg, last_logits_only, returned_cache
+from .models.device import model_device
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -140,8 +140,7 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
 def sample_rows(model: nn.Module, prompts: torch.Tensor, settings: TextSettings, generator: torch.Generator) -> torch.Tensor:
     """``(B, new_tokens)`` tokens sampled after ``prompts`` ``(B, P)``, one forward a step with the KV cache."""
     cache_kw = cache_kwarg(model)
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-    out = model(input_ids=prompts, use_cache=True, **keep)
+    out = model(input_ids=prompts, use_cache=True, **last_logits_only(model))
     tokens = []
     for step in range(settings.new_tokens):
         tokens.append(sample_next(out.logits[:, -1], settings.temperature, settings.top_p, generator))
@@ -196,7 +195,7 @@ def write_corpus(
     """
     counts = open_corpus(out, settings)
     done = sum(counts)
-    device = next(model.parameters()).device
+    device = model_device(model)
     while done < target_tokens:
         index = len(counts)
         rng = np.random.default_rng([settings.seed, index])
@@ -213,7 +212,7 @@ def write_corpus(
                 kept += len(piece)
         write_text_atomic(part_path(out, index), "\n".join(lines) + "\n")
         counts.append(kept)
-        done += counts[-1]
+        done += kept
         if progress is not None:
             progress(done, target_tokens)
     return done

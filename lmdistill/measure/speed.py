@@ -85,6 +85,11 @@ def cache_kwarg(model) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def last_logits_only(model) -> dict[str, int]:
+    # A prefill needs the next-token logits of the last position only; skip the rest where the model allows.
+    return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+
+
 def returned_cache(out):
     cache = out.get("cache") if hasattr(out, "get") else None
     return cache if cache is not None else out.past_key_values
@@ -108,9 +113,8 @@ def time_generation(model: nn.Module, prompt_ids: torch.Tensor, new_tokens: int,
     on the device, so there is no host sync inside the loop.
     """
     cache_kw = cache_kwarg(model)
-    keep = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     start = clock.start()
-    out = model(prompt_ids, use_cache=True, **keep)
+    out = model(prompt_ids, use_cache=True, **last_logits_only(model))
     token = out.logits[:, -1:].argmax(-1)
     cache = returned_cache(out)
     produced = [token]
