@@ -108,7 +108,7 @@ class ModelConfig:
     strategy: str = "auto"
     """Layer map when layers is None: auto (importance for Llama-family teachers, every-other otherwise), every-other, uniform, first, importance (largest block influence on training tokens) or search (greedy removal of the layer that costs least)."""
     calibration_tokens: int = 2048
-    """Training tokens on which importance and search measure the teacher's layers."""
+    """Training tokens on which importance, search and width pruning measure the teacher (blocks spread over the training stream)."""
     search_objective: str = "kl"
     """What the search keeps low when it removes a layer: kl (to the teacher) or ce (on the calibration tokens)."""
     # Width pruning (lmdistill/student/width.py), applied after the depth cut; all None: the teacher's widths.

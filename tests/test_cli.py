@@ -454,7 +454,7 @@ def test_init_student_importance_strategy(capsys, ws, tmp_path):
 
 
 def test_init_student_search_strategy_prints_and_saves_every_step(capsys, ws, tmp_path):
-    from lmdistill.data.prepare import calibration_tokens
+    from lmdistill.train.plan import prepare_sources
     from lmdistill.models.load import load_model, load_tokenizer
     from lmdistill.student.search import greedy_search, make_calibration
 
@@ -463,7 +463,7 @@ def test_init_student_search_strategy_prints_and_saves_every_step(capsys, ws, tm
                               "search", "--calibration", ws["text"], "--calibration-tokens", "128", "--out", out)
     assert rc == 0, err
     teacher = load_model(ws["teacher"])
-    tokens = calibration_tokens(load_tokenizer(ws["teacher"]), str(ws["text"]), 128)
+    tokens = prepare_sources(load_tokenizer(ws["teacher"]), [str(ws["text"])], str(ws["teacher"])).tokens("train")
     expected = greedy_search(teacher, make_calibration(teacher, tokens, block_size=128, max_tokens=128), keep=2)
     config = AutoModelForCausalLM.from_pretrained(out).config
     assert config.lmdistill_layer_map == expected.layers

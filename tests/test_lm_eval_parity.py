@@ -99,7 +99,7 @@ def _make_harness_python() -> Path:
         return Path(override)
     from lmdistill.models.cache import cache_dir
 
-    venv = cache_dir() / "lm-eval-venv"
+    venv = (cache_dir() / "lm-eval-venv").resolve()  # the user's, linked into the tests' cache (conftest)
     python = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
     marker = venv / "lmdistill-requirements.json"  # written last: the venv is complete
     wanted = _pip_requirements()

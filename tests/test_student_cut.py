@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from lmdistill.cli import main
 from lmdistill.config import DataConfig, ModelConfig, RunConfig, TrainConfig
-from lmdistill.data.prepare import calibration_tokens
+from lmdistill.train.plan import prepare_sources
 from lmdistill.models.load import load_model, load_tokenizer
 from lmdistill.train.setup import make_student
 
@@ -52,7 +52,7 @@ def test_distill_and_init_student_cut_the_same_student(teachers, tmp_path, capsy
     config = RunConfig(model=ModelConfig(teacher=str(teacher), num_layers=2, strategy=strategy,
                                          calibration_tokens=CALIBRATION_TOKENS, **fields),
                        data=DataConfig(sources=[str(text)], block_size=128), train=TrainConfig(max_steps=1, seed=3))
-    tokens = calibration_tokens(load_tokenizer(teacher), str(text), CALIBRATION_TOKENS)
+    tokens = prepare_sources(load_tokenizer(teacher), [str(text)], str(teacher)).tokens("train")
     from_distill = make_student(config, load_model(teacher), tokens)
     distill_out = capsys.readouterr().out
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lmdistill.student.importance import block_influence, most_influential
+from lmdistill.student.importance import block_influence, calibration_blocks, most_influential
 
 from .helpers import tiny_gpt2, tiny_llama
 
@@ -40,7 +40,7 @@ def test_block_influence_matches_reference(family):
     vocab = model.config.vocab_size
     tokens = np.random.default_rng(0).integers(0, vocab, size=200)
     scores = block_influence(model, tokens, block_size=32, max_tokens=200, batch_size=2)
-    blocks = torch.as_tensor(tokens[: 6 * 32]).view(6, 32)
+    blocks = torch.as_tensor(np.stack([tokens[i * 33:i * 33 + 32] for i in range(6)]))  # 200 // 6 = 33 apart
     norm = "model.norm" if family == "llama" else "transformer.ln_f"
     expected = reference_influence(model, blocks, norm)
     assert len(scores) == 4
@@ -70,3 +70,22 @@ def test_most_influential_keeps_order_and_checks_range():
         most_influential([0.1, 0.2, 0.3], 4)
     with pytest.raises(ValueError, match="calibration tokens"):
         block_influence(tiny_llama(num_layers=2), np.arange(10), block_size=32)
+
+
+def test_calibration_blocks_are_spread_over_the_whole_stream():
+    model = tiny_llama(num_layers=2)
+    # Two "sources" one after the other, as a prepared training stream is: 3,000 tokens of one,
+    # 1,000 of the other. The first 512 tokens would all be the first source's.
+    stream = np.concatenate([np.arange(3000) % 100, 100 + np.arange(1000) % 100])
+    blocks = calibration_blocks(model, stream, block_size=64, max_tokens=512, purpose="test")
+    assert blocks.shape == (8, 64) and blocks.dtype == torch.int64
+    starts = [i * 500 for i in range(8)]  # 4,000 // 8 apart: disjoint, first at 0, last ending inside
+    for row, start in zip(blocks, starts):
+        assert torch.equal(row, torch.as_tensor(stream[start:start + 64]))
+    assert (blocks >= 100).any(dim=1).sum() == 2  # the second source's quarter gets its quarter of blocks
+    # A stream no longer than the budget is cut into consecutive blocks, as before.
+    whole = calibration_blocks(model, stream[:512], block_size=64, max_tokens=4096, purpose="test")
+    assert torch.equal(whole.flatten(), torch.as_tensor(stream[:512]))
+    # The block is capped at the model's context.
+    assert calibration_blocks(model, stream, block_size=10_000, max_tokens=4000, purpose="test").shape[1] == \
+        model.config.max_position_embeddings

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from lmdistill.cli import main
 from lmdistill.config import ConfigError, DataConfig, ModelConfig, RunConfig, TrainConfig
-from lmdistill.data.prepare import calibration_tokens
+from lmdistill.train.plan import prepare_sources
 from lmdistill.models.arch import count_parameters, decoder_layers
 from lmdistill.models.errors import ModelError
 from lmdistill.models.load import load_model, load_tokenizer
@@ -226,7 +226,7 @@ def test_distill_and_init_student_cut_the_same_narrow_student(teachers, tmp_path
     config = RunConfig(model=ModelConfig(teacher=str(teacher), num_layers=2, strategy=strategy, calibration_tokens=256,
                                          **fields),
                        data=DataConfig(sources=[str(text)], block_size=128), train=TrainConfig(max_steps=1, seed=3))
-    tokens = calibration_tokens(load_tokenizer(teacher), str(text), 256)
+    tokens = prepare_sources(load_tokenizer(teacher), [str(text)], str(teacher)).tokens("train")
     from_distill = make_student(config, load_model(teacher), tokens)
     assert from_cli.config.lmdistill_width_choice == json.loads(json.dumps(from_distill.config.lmdistill_width_choice))
     assert from_cli.config.lmdistill_width_choice["student"] == WidthShape.of(from_cli.config).to_dict()

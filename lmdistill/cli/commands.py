@@ -50,7 +50,7 @@ def cmd_init_student(args: argparse.Namespace) -> int:
                         resolve_strategy(model.strategy, teacher_config))  # before loading weights
     tokenizer = load_tokenizer(model.teacher)
     teacher = load_model(model.teacher)
-    cut = cut_student(teacher, model, lambda: _calibration(tokenizer, args.calibration, model.calibration_tokens),
+    cut = cut_student(teacher, model, lambda: _calibration(tokenizer, args.calibration, model),
                       block_size=CALIBRATION_BLOCK_SIZE, seed=args.seed, log=print)
     save_model(cut.student, tokenizer, out)
     t_params, s_params = count_parameters(teacher), count_parameters(cut.student)
@@ -63,12 +63,14 @@ def cmd_init_student(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibration(tokenizer: PreTrainedTokenizerBase, source: str, max_tokens: int) -> np.ndarray:
-    """The first ``max_tokens`` tokens of ``source``'s train split, for a strategy that measures the teacher."""
-    from ..data.prepare import calibration_tokens
+def _calibration(tokenizer: PreTrainedTokenizerBase, source: str, model: ModelConfig) -> np.ndarray:
+    """``source``'s train split as distill prepares it (the same cached folder, so that the same
+    text gives init-student and distill the same student); the cut measures blocks spread over it."""
+    from ..train.plan import prepare_sources
 
-    tokens = calibration_tokens(tokenizer, source, max_tokens)
-    print(f"calibration: {min(len(tokens), max_tokens):,} tokens of {source} (train split)")
+    tokens = prepare_sources(tokenizer, [source], model.teacher).tokens("train")
+    print(f"calibration: {min(len(tokens), model.calibration_tokens):,} tokens spread over the "
+          f"{len(tokens):,} train tokens of {source}")
     return tokens
 
 
@@ -80,14 +82,13 @@ def _flag(name: str, value: object) -> str:
 def cmd_generate_corpus(args: argparse.Namespace) -> int:
     import torch
 
-    from ..data.prepare import prepare
     from ..data.sources import parse_source
     from ..generate import check_length, encode_prompt
     from ..models.device import cpu_computes_bf16, resolve_device
     from ..models.fingerprint import model_fingerprint
     from ..models.load import load_model, load_tokenizer
     from ..teacher_text import TextSettings, write_corpus
-    from ..train.plan import default_prepared_dir
+    from ..train.plan import prepare_sources
 
     if args.prompts:
         parse_source(args.prompts)  # fail on a bad source before loading the teacher
@@ -102,9 +103,7 @@ def cmd_generate_corpus(args: argparse.Namespace) -> int:
     prompt_data = None
     if args.prompts:
         # All splits, as distill prepares them, so that both share one cached folder.
-        data = prepare(tokenizer, [args.prompts], default_prepared_dir([args.prompts], tokenizer),
-                       tokenizer_name=args.teacher)
-        prompt_data = data.tokens("train")
+        prompt_data = prepare_sources(tokenizer, [args.prompts], args.teacher).tokens("train")
     settings = TextSettings(
         teacher=args.teacher, teacher_fingerprint=model_fingerprint(teacher), prompts=args.prompts,
         prompt_tokens=args.prompt_tokens if args.prompts else len(start), new_tokens=args.new_tokens,
@@ -127,7 +126,7 @@ def cmd_generate_corpus(args: argparse.Namespace) -> int:
 
 def cmd_cache_teacher(args: argparse.Namespace) -> int:
     from ..data.errors import DataError
-    from ..data.prepare import load_prepared, prepare
+    from ..data.prepare import load_prepared
     from ..data.sources import parse_source
     from ..models.arch import config_context_length
     from ..models.device import resolve_device
@@ -136,7 +135,7 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     from ..teacher_cache.build import build_teacher_cache, check_build_settings
     from ..teacher_cache.format import part_name
     from ..teacher_cache.reader import TeacherCache
-    from ..train.plan import default_prepared_dir
+    from ..train.plan import prepare_sources
 
     # Cheap checks first: arguments against the teacher's config, then its tokenizer and the data.
     teacher_cfg = model_config(args.teacher)
@@ -158,7 +157,7 @@ def cmd_cache_teacher(args: argparse.Namespace) -> int:
     else:
         for spec in args.data:
             parse_source(spec)  # fail on a bad source before tokenising
-        data = prepare(tokenizer, args.data, default_prepared_dir(args.data, tokenizer), tokenizer_name=args.teacher)
+        data = prepare_sources(tokenizer, args.data, args.teacher)
     device = resolve_device(args.device)
     teacher = load_model(args.teacher, device=device)
     result = build_teacher_cache(

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "removes one at a time the layer that costs least, auto is importance for Llama-family "
                         f"teachers and every-other otherwise (default: {model.strategy})")
     p.add_argument("--calibration", default="corpus:all",
-                   help="for importance, search and width pruning: text source (train split)")
+                   help="for importance, search and width pruning: text source (its train split, prepared as distill "
+                        "prepares it; the calibration blocks are spread over it)")
     p.add_argument("--calibration-tokens", type=model_field("calibration_tokens"), default=model.calibration_tokens,
                    help="for importance, search and width pruning: tokens measured (search costs about n^2/2 "
                         f"forward passes over them; default {model.calibration_tokens})")

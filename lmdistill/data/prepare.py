@@ -67,17 +67,6 @@ def tokenize_documents(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str],
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint32)
 
 
-def calibration_tokens(tokenizer: PreTrainedTokenizerBase, source: str, max_tokens: int) -> np.ndarray:
-    """The first ``max_tokens`` or so tokens of ``source``'s train split (for measuring layers)."""
-    texts, chars = [], 0
-    for text in parse_source(source).documents("train"):
-        texts.append(text)
-        chars += len(text)
-        if chars > 8 * max_tokens:  # plenty: English BPE is about 4 characters a token
-            break
-    return tokenize_documents(tokenizer, texts)[:max_tokens]
-
-
 @dataclass
 class PreparedData:
     """A prepared folder: ``{split}.bin`` shards and ``meta.json``."""

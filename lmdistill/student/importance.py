@@ -21,9 +21,13 @@ from ..models.errors import ModelError
 
 def calibration_blocks(model: PreTrainedModel, tokens: np.ndarray, block_size: int, max_tokens: int,
                        purpose: str) -> torch.Tensor:
-    """The first ``max_tokens`` of a 1-D token stream as disjoint blocks ``(n, block_size)``.
+    """``max_tokens`` (at most) of a 1-D token stream as disjoint blocks ``(n, block_size)``,
+    spread evenly over the whole stream.
 
-    ``block_size`` is capped at the model's context; ``purpose`` names the caller in the error.
+    Spread, not the first ones: a training stream is its sources one after another, and its
+    opening is one source's opening (Austen's, in ``corpus:all``), so layers and neurons
+    ranked on it would be ranked for one author. ``block_size`` is capped at the model's
+    context; ``purpose`` names the caller in the error.
     """
     context = config_context_length(model.config)
     block_size = min(block_size, context) if context else block_size
@@ -31,16 +35,18 @@ def calibration_blocks(model: PreTrainedModel, tokens: np.ndarray, block_size: i
     if n_blocks < 1:
         raise DataError(f"{purpose} needs at least {block_size} calibration tokens, got {len(tokens)}; give a "
                         "longer calibration text (--calibration of init-student, data.sources of distill)")
-    return torch.as_tensor(np.asarray(tokens[: n_blocks * block_size], dtype=np.int64)).view(n_blocks, block_size)
+    stride = len(tokens) // n_blocks  # at least block_size, so the blocks never overlap
+    rows = [np.asarray(tokens[i * stride:i * stride + block_size], dtype=np.int64) for i in range(n_blocks)]
+    return torch.as_tensor(np.stack(rows))
 
 
 @torch.no_grad()
 def block_influence(model: PreTrainedModel, tokens: np.ndarray, block_size: int = 256, max_tokens: int = 4096,
                     batch_size: int = 4) -> list[float]:
-    """Block influence of every decoder layer, averaged over the first ``max_tokens`` tokens.
+    """Block influence of every decoder layer, averaged over ``max_tokens`` tokens.
 
-    ``tokens`` is a 1-D token stream cut into disjoint blocks of ``block_size`` tokens (at
-    most the model's context).
+    ``tokens`` is a 1-D token stream; :func:`calibration_blocks` takes disjoint blocks of
+    ``block_size`` tokens (at most the model's context) spread over it.
     """
     blocks = calibration_blocks(model, tokens, block_size, max_tokens, "block influence")
     layers = decoder_layers(model)

@@ -81,7 +81,7 @@ class Calibration:
 @torch.no_grad()
 def make_calibration(teacher: PreTrainedModel, tokens: np.ndarray, block_size: int = 256, max_tokens: int = 2048,
                      batch_size: int = 4, with_teacher: bool = True) -> Calibration:
-    """Cut the first ``max_tokens`` of a 1-D token stream into blocks; run the teacher once."""
+    """``max_tokens`` of a 1-D token stream as blocks spread over it; run the teacher once."""
     blocks = calibration_blocks(teacher, tokens, block_size, max_tokens, "scoring layer cuts")
     calibration = Calibration(blocks, batch_size, None)
     if with_teacher:

@@ -178,7 +178,7 @@ class WidthImportance:
 @torch.no_grad()
 def width_importance(model: PreTrainedModel, tokens: np.ndarray, layers: list[int], *, block_size: int = 256,
                      max_tokens: int = 4096, batch_size: int = 4) -> WidthImportance:
-    """Neuron and head importance of decoder ``layers`` over the first ``max_tokens`` calibration tokens
+    """Neuron and head importance of decoder ``layers`` over ``max_tokens`` calibration tokens spread over ``tokens``
     (float64 sums; heads only where the family's heads can be pruned)."""
     layout = width_layout(model.config)
     head_dim = WidthShape.of(model.config).head_dim

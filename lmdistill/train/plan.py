@@ -16,6 +16,7 @@ from pathlib import Path
 from transformers import PretrainedConfig, PreTrainedTokenizerBase
 
 from ..config import ConfigError, RunConfig, check_teacher_cache_settings
+from ..data.prepare import PreparedData, prepare
 from ..models.arch import config_context_length, config_num_layers
 from ..models.cache import cache_dir
 from ..models.fingerprint import config_fingerprint, tokenizer_fingerprint
@@ -166,3 +167,9 @@ def default_prepared_dir(sources: list[str], tokenizer: PreTrainedTokenizerBase)
     """The cache folder that ``data.sources`` are prepared into when ``data.prepared_dir`` is unset."""
     key = hashlib.sha256(json.dumps([sources, tokenizer_fingerprint(tokenizer)]).encode()).hexdigest()[:16]
     return cache_dir() / "data" / key
+
+
+def prepare_sources(tokenizer: PreTrainedTokenizerBase, sources: list[str], tokenizer_name: str) -> PreparedData:
+    """``sources`` prepared (every split) into the cache folder ``distill`` would use for them, so
+    that ``init-student``, ``generate-corpus`` and ``cache-teacher`` share distill's tokens."""
+    return prepare(tokenizer, sources, default_prepared_dir(sources, tokenizer), tokenizer_name=tokenizer_name)
