@@ -52,7 +52,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from lmdistill.recipe import load_config
 from lmdistill.data.sampler import BlockSampler
-from lmdistill.measure.flops import matmul_params, step_flops
+from lmdistill.measure.flops import matmul_params, matmul_peak, step_flops
 from lmdistill.models.arch import config_num_layers
 from lmdistill.models.device import resolve_device
 from lmdistill.models.load import load_tokenizer
@@ -66,24 +66,6 @@ DEFAULT_RECIPES = ["smollm2-demo", RANDOM_GPT2]
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def measure_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 10) -> dict:
-    """Best FLOP/s of ``repeats`` square ``size``x``size`` matmuls after two warm-ups."""
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
-    b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
-    for _ in range(2):
-        torch.mm(a, b)
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        torch.mm(a, b)
-        synchronize(device)
-        times.append(time.perf_counter() - started)
-    flops = 2 * size**3
-    return {"size": size, "seconds": times, "flops_per_s": flops / min(times)}
 
 
 def save_random_gpt2(folder: Path) -> Path:
@@ -219,7 +201,7 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="lmdistill-throughput-"))
 
     print(f"[throughput] device {device_name(device)} ({device}), {torch.get_num_threads()} threads, torch {torch.__version__}")
-    peak_before = measure_peak(device, dtype, peak_size)
+    peak_before = matmul_peak(device, dtype, peak_size)
     print(f"[throughput] peak {peak_size}x{peak_size} {str(dtype).removeprefix('torch.')} matmul: "
           f"{peak_before['flops_per_s'] / 1e9:.1f} GFLOP/s")
     cases = []
@@ -232,7 +214,7 @@ def main() -> int:
                 cases.append(case)
     finally:
         shutil.rmtree(work, ignore_errors=True)  # the random GPT-2 teacher is 500 MB
-    peak_after = measure_peak(device, dtype, peak_size)
+    peak_after = matmul_peak(device, dtype, peak_size)
     peak = max(peak_before["flops_per_s"], peak_after["flops_per_s"])
     for case in cases:
         case["mfu"] = case["achieved_flops_per_s"] / peak

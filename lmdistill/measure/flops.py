@@ -28,6 +28,7 @@ the inputs and to the weights of each matmul), so the student costs 3x its forwa
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -35,7 +36,7 @@ from torch import nn
 
 from ..models.errors import ModelError
 
-__all__ = ["matmul_params", "attention_flops_per_token", "forward_flops_per_token", "step_flops"]
+__all__ = ["matmul_params", "attention_flops_per_token", "forward_flops_per_token", "step_flops", "matmul_peak"]
 
 
 def _as_model(model_or_config: Any) -> nn.Module:
@@ -121,3 +122,25 @@ def step_flops(teacher: Any, student: Any, seq_len: int, batch_tokens: int, back
         "total": total,
         "per_token": total / batch_tokens,
     }
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype, size: int, repeats: int = 10) -> dict[str, Any]:
+    """The best FLOP/s of ``repeats`` square ``size`` x ``size`` matmuls after two warm-ups: the
+    machine's achievable peak that MFU is stated against (measured, not a datasheet figure)."""
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(size, size, generator=gen).to(device=device, dtype=dtype)
+
+    def timed() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        torch.mm(a, b)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - started
+
+    for _ in range(2):
+        timed()
+    times = [timed() for _ in range(repeats)]
+    return {"size": size, "seconds": times, "flops_per_s": 2 * size**3 / min(times)}
