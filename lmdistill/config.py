@@ -235,8 +235,8 @@ class LossConfig:
     """Weight of the MSE loss between each intermediate student layer and the teacher's stream its next layer reads (train/plan.aligned_layers)."""
     align_layers: list[int] | None = None
     """Student layers aligned by align_cos/align_mse (default: all but the last, whose output cos/mse cover)."""
-    chunk_tokens: int = 1024
-    """Positions per chunk of the fused lm_head + KL/CE (no batch x seq x vocab logits are built); 0 builds the full logits. Only forward_kl has the fused path; other divergences build full logits."""
+    chunk_tokens: int = 256
+    """Positions per chunk of the fused lm_head + KL/CE (no batch x seq x vocab logits are built); 0 builds the full logits. A bound on the loss's transient memory (a few chunk x vocab float32 tensors: about 50 MB each at a 50k vocabulary), not tied to the batch: 256 runs as fast as one chunk of 1,024 and saves 0.6 GiB of peak RSS at batch 4 x 256 (benchmarks/peers.py). Only forward_kl has the fused path; other divergences build full logits."""
 
     WEIGHTS: ClassVar[tuple[str, ...]] = ("kl", "ce", "cos", "mse", "align_cos", "align_mse")
     """The weight fields, one per loss term (``kl`` weighs the logit term, whatever its divergence)."""

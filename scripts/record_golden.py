@@ -56,7 +56,7 @@ COMMON_OVERRIDES = [
     "train.eval_tokens=512", "train.device=cpu", "train.threads={threads}",
 ]
 # Per loss path, on top of COMMON_OVERRIDES. A step has 2 x 32 = 64 positions, so the default
-# loss.chunk_tokens (1024) is one chunk; 24 makes three, the last one short.
+# loss.chunk_tokens (256) is one chunk; 24 makes three, the last one short.
 PATHS: dict[str, list[str]] = {
     "fused": [],
     "fused_chunks": ["loss.chunk_tokens=24"],

@@ -27,7 +27,7 @@ def scaled(model: nn.Module) -> nn.Module:
 
 def test_plain_heads_and_forward_kl_take_the_fused_path(models):
     teacher, student, gpt2 = models
-    assert logit_path(LossConfig(), teacher, student) == (1024, "fused with the lm_head, 1024 positions per chunk "
+    assert logit_path(LossConfig(), teacher, student) == (256, "fused with the lm_head, 256 positions per chunk "
                                                                  "(loss.chunk_tokens)")
     assert logit_path(LossConfig(chunk_tokens=7), gpt2, student).chunk_tokens == 7  # GPT-2's head has no bias
 
@@ -36,8 +36,8 @@ def test_plain_heads_and_forward_kl_take_the_fused_path(models):
     ({"chunk_tokens": 0}, True, False, 0, r"^full logits \(loss.chunk_tokens=0\)$"),
     ({"kl": 0, "ce": 0}, True, False, 0, r"^none \(loss.kl and loss.ce are 0\)$"),
     ({"divergence": "jsd"}, True, False, 0,
-     r"^full logits, loss.chunk_tokens=1024 ignored: loss.divergence=jsd has no fused path \(forward_kl only\)$"),
-    ({"divergence": "tv", "kl": 0}, True, False, 1024, "^fused"),  # the divergence is off: CE alone is fused
+     r"^full logits, loss.chunk_tokens=256 ignored: loss.divergence=jsd has no fused path \(forward_kl only\)$"),
+    ({"divergence": "tv", "kl": 0}, True, False, 256, "^fused"),  # the divergence is off: CE alone is fused
     ({}, True, True, 0, r"ignored: the student's logits are not a plain linear head \(logit_scale\)$"),
     ({"divergence": "reverse_kl"}, True, True, 0,
      r"loss.divergence=reverse_kl has no fused path \(forward_kl only\); the student's logits are not a plain"),
@@ -56,6 +56,6 @@ def test_the_teacher_counts_only_when_its_logits_are_read(models):
     teacher = tiny_llama(num_layers=1)
     teacher.lm_head = nn.Sequential(teacher.lm_head)  # not a plain nn.Linear: the fused loss cannot read it
     assert logit_path(LossConfig(), teacher, student) == (
-        0, "full logits, loss.chunk_tokens=1024 ignored: the teacher's logits are not a plain linear head (Sequential)")
-    assert logit_path(LossConfig(kl=0), teacher, student).chunk_tokens == 1024  # CE only: the student's head alone
-    assert logit_path(LossConfig(), None, student).chunk_tokens == 1024  # stored targets: no teacher head
+        0, "full logits, loss.chunk_tokens=256 ignored: the teacher's logits are not a plain linear head (Sequential)")
+    assert logit_path(LossConfig(kl=0), teacher, student).chunk_tokens == 256  # CE only: the student's head alone
+    assert logit_path(LossConfig(), None, student).chunk_tokens == 256  # stored targets: no teacher head
