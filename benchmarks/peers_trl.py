@@ -4,7 +4,7 @@ Runs inside the virtual environment that ``peers.py`` builds (pinned TRL beside 
 project's torch and transformers), in a fresh process per measurement, and imports nothing
 from lmdistill. Forward KL on a fixed dataset: ``lmbda=0`` (no on-policy samples), ``beta=0``
 (the generalised JSD at beta 0 is KL(teacher || student)), ``seq_kd`` off, no gradient
-checkpointing, float32, dropout left as the student's config has it (lmdistill trains it so).
+checkpointing, float32, the student's dropout off (TRL's default, as lmdistill's recipes train).
 
     python peers_trl.py --teacher T --student S --blocks blocks.npy --batch 4 --steps 8 --threads 2 --out times.json
 
@@ -70,7 +70,7 @@ def main() -> int:
         config = GKDConfig(
             output_dir=scratch, per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
             max_steps=args.steps, learning_rate=args.lr, max_grad_norm=args.max_grad_norm,
-            lmbda=0.0, beta=0.0, seq_kd=False, disable_dropout=False, gradient_checkpointing=False,
+            lmbda=0.0, beta=0.0, seq_kd=False, disable_dropout=True, gradient_checkpointing=False,
             bf16=False, fp16=False, use_cpu=True, dataloader_num_workers=0, logging_steps=1,
             report_to="none", save_strategy="no", seed=0,
         )

@@ -350,6 +350,8 @@ class TrainConfig:
     """torch.compile each decoder layer of the student and the teacher (in place; compile time is spent in the first steps)."""
     activation_checkpointing: bool = False
     """Recompute each student decoder layer's activations in the backward pass instead of storing them (less memory, about a third more compute)."""
+    dropout: float | None = None
+    """The student's dropout rate while it trains (dropout modules and attention dropout); None: its config's. With 0, attention on a CPU runs its fused kernel (dropout makes it store every attention matrix)."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "train.batch_size", "must be at least 1")
@@ -373,10 +375,8 @@ class TrainConfig:
         _check(self.max_steps is None or self.max_steps >= 1, "train.max_steps", "must be at least 1")
         _check(self.max_tokens is None or self.max_tokens >= 1, "train.max_tokens", "must be at least 1")
         _check(self.max_minutes is None or (math.isfinite(self.max_minutes) and self.max_minutes > 0), "train.max_minutes", "must be a finite number > 0")
-        _check(
-            any(v is not None for v in (self.max_steps, self.max_tokens, self.max_minutes)),
-            "train", "set a budget: max_steps, max_tokens or max_minutes",
-        )
+        _check(any(v is not None for v in (self.max_steps, self.max_tokens, self.max_minutes)), "train",
+               "set a budget: max_steps, max_tokens or max_minutes")
         _check(
             self.warmup < 1 or self.max_steps is not None or self.max_tokens is not None, "train.warmup",
             "with only a time budget (max_minutes) give warm-up as a fraction of the budget, e.g. 0.05",
@@ -385,6 +385,7 @@ class TrainConfig:
         _check(self.eval_tokens >= 1, "train.eval_tokens", "must be at least 1")
         _check(self.checkpoint_every >= 0, "train.checkpoint_every", "must be >= 0")
         _check(self.threads is None or self.threads >= 1, "train.threads", "must be at least 1")
+        _check(self.dropout is None or 0 <= self.dropout < 1, "train.dropout", f"{self.dropout} must be in [0, 1), or null for the student's own")
         _check(self.seed >= 0, "train.seed", f"{self.seed} must be >= 0")
         _check(
             self.device in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", self.device) is not None,

@@ -138,6 +138,8 @@ def test_overrides_apply_over_recipe():
     ("model.student=None", "model", "student", None),
     ("model.teacher=123", "model", "teacher", "123"),
     ("train.threads=none", "train", "threads", None),
+    ("train.dropout=0", "train", "dropout", 0.0),
+    ("train.dropout=null", "train", "dropout", None),
 ])
 def test_override_coercion(override, section, name, expected):
     value = getattr(getattr(load_config(None, BUDGET + [override]), section), name)
@@ -208,6 +210,9 @@ def test_override_type_errors_name_the_field(override, field):
     ("train.eval_tokens=0", "train.eval_tokens"),
     ("train.checkpoint_every=-5", "train.checkpoint_every"),
     ("train.threads=0", "train.threads"),
+    ("train.dropout=1", "train.dropout"),
+    ("train.dropout=-0.1", "train.dropout"),
+    ("train.dropout=nan", "train.dropout"),
     ("loss.kl=-1", "loss.kl"),
     ("loss.ce=nan", "loss.ce"),
     ("loss.cos=inf", "loss.cos"),

@@ -94,6 +94,20 @@ def test_gradient_accumulation_matches_one_big_batch(workspace, tmp_path, float6
     assert_same_training(tmp_path / "big", tmp_path / "small")
 
 
+def test_training_dropout_overrides_the_students_own(workspace, tmp_path, float64_training):
+    # The two teachers have the same weights, one with dropout 0.1 (as GPT-2's config has it).
+    with_dropout = {**workspace, "teacher": workspace["teacher_dropout"]}
+    runs = {name: tmp_path / name for name in ("plain", "dropout-off", "dropout-kept")}
+    run_training(make_config(workspace, batch_size=2, max_steps=3), runs["plain"], progress=False)
+    run_training(make_config(with_dropout, batch_size=2, max_steps=3, dropout=0.0), runs["dropout-off"], progress=False)
+    run_training(make_config(with_dropout, batch_size=2, max_steps=3), runs["dropout-kept"], progress=False)
+    assert_same_training(runs["plain"], runs["dropout-off"])
+    plain, kept = losses_by_step(runs["plain"]), losses_by_step(runs["dropout-kept"])
+    assert all(abs(kept[s] - plain[s]) > 1e-6 * abs(plain[s]) for s in plain)  # dropout at 0.1 trained
+    saved = AutoModelForCausalLM.from_pretrained(runs["dropout-off"] / "student").config
+    assert (saved.attn_pdrop, saved.resid_pdrop, saved.activation_function) == (0.1, 0.1, "gelu_new")
+
+
 def test_resume_continues_exactly(workspace, tmp_path):
     # Dropout on: the RNG state must be restored too for the losses to match.
     ws = {**workspace, "teacher": workspace["teacher_dropout"]}

@@ -16,14 +16,18 @@ from .sparse import SparseTargets, sparse_kl_divergence
 from .weighted import distillation_loss
 
 
-def forward_model(model: PreTrainedModel, input_ids: torch.Tensor, want_hidden: bool, fused: bool):
+def forward_model(model: PreTrainedModel, input_ids: torch.Tensor, want_hidden: bool, fused: bool,
+                  want_layers: bool = True):
     """``(logits, hidden_states)``. Fused: no logits, only the body (the loss applies the lm_head
-    chunk by chunk) and at least the last hidden state, after the final norm."""
+    chunk by chunk) and at least the last hidden state, after the final norm; every layer's
+    output only when ``want_layers`` too (a tuple of them holds a teacher's, which nothing else
+    keeps, until the loss is done)."""
     if not fused:
         out = model(input_ids=input_ids, output_hidden_states=want_hidden)
         return out.logits, (out.hidden_states if want_hidden else None)
-    out = model.base_model(input_ids=input_ids, output_hidden_states=want_hidden)
-    return None, (out.hidden_states if want_hidden else (out.last_hidden_state,))
+    every = want_hidden and want_layers
+    out = model.base_model(input_ids=input_ids, output_hidden_states=every)
+    return None, (out.hidden_states if every else (out.last_hidden_state,))
 
 
 # Config fields of models whose logits are not just lm_head(last hidden state).
@@ -107,7 +111,8 @@ class StudentObjective(nn.Module):
         loss = self.loss
         fused = self.chunk_tokens > 0
         pairs = self.aligned  # hidden_states[0] is the embeddings: layer i's output is [i + 1]
-        student_logits, student_states = forward_model(self.student, input_ids, self.wants_hidden, fused)
+        student_logits, student_states = forward_model(self.student, input_ids, self.wants_hidden, fused,
+                                                       want_layers=loss.needs_layers)
         rest = loss
         terms: dict[str, torch.Tensor] = {}
         total = None

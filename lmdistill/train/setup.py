@@ -26,6 +26,7 @@ from ..loss.objective import StudentObjective, logit_path
 from ..models.arch import architecture_of, decoder_layers
 from ..models.device import cpu_computes_bf16, resolve_device
 from ..models.fingerprint import model_fingerprint
+from ..models.kernels import fuse_activations, set_dropout
 from ..models.load import load_model
 from ..student.build import check_shared_vocabulary, student_layer_map
 from ..student.cut import CALIBRATION_BLOCK_SIZE, cut_student
@@ -95,6 +96,7 @@ def build_setup(config: RunConfig, student_init: Path | None = None, ranks: dist
     if not config.loss.needs_teacher or cache is not None:
         teacher = None  # causal-LM-only training or stored targets: free the teacher's memory
     else:
+        fuse_activations(teacher)
         place_teacher(teacher, config, ranks, device, autocast)
     logits = logit_path(config.loss, teacher, student)
     print(f"[lmdistill] logit terms: {logits.reason}")
@@ -216,10 +218,14 @@ def place_teacher(teacher: PreTrainedModel, config: RunConfig, ranks: dist.DistI
 
 def prepare_student(student: PreTrainedModel, config: RunConfig, ranks: dist.DistInfo) -> None:
     """What must be settled before DDP or FSDP2 wraps the student: frozen parameters (DDP
-    buckets the ones that need gradients when it is built) and activation checkpointing;
-    and, under torchrun, that every rank built the same student."""
+    buckets the ones that need gradients when it is built), its modules (fused activations,
+    the training dropout) and activation checkpointing; and, under torchrun, that every rank
+    built the same student."""
     train = config.train
     trainable_parameters(student, train)  # freezes the embeddings the config keeps fixed
+    fuse_activations(student)
+    if train.dropout is not None:
+        set_dropout(student, train.dropout)
     if train.activation_checkpointing:
         if not getattr(student, "supports_gradient_checkpointing", False):
             raise ConfigError(f"config value train.activation_checkpointing: {type(student).__name__} does not support "

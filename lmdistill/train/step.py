@@ -32,12 +32,14 @@ from .health import check_finite_step
 from .setup import Setup
 
 
-def forward_teacher(teacher: PreTrainedModel | None, input_ids: torch.Tensor, want_hidden: bool, fused: bool = False):
-    """Teacher logits (None when ``fused``) and hidden states (all if asked, else the last when fused)."""
+def forward_teacher(teacher: PreTrainedModel | None, input_ids: torch.Tensor, want_hidden: bool, fused: bool = False,
+                    want_layers: bool = True):
+    """Teacher logits (None when ``fused``) and hidden states (all if asked, else the last when fused;
+    fused, all only with ``want_layers``)."""
     if teacher is None:
         return None, None
     with torch.no_grad():
-        return forward_model(teacher, input_ids, want_hidden, fused)
+        return forward_model(teacher, input_ids, want_hidden, fused, want_layers)
 
 
 def step_loss(setup: Setup, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -51,7 +53,7 @@ def step_loss(setup: Setup, input_ids: torch.Tensor, labels: torch.Tensor,
     loss = setup.config.loss
     fused = setup.fused
     want_hidden = loss.needs_hidden or loss.needs_layers
-    teacher_logits, teacher_states = forward_teacher(setup.teacher, input_ids, want_hidden, fused)
+    teacher_logits, teacher_states = forward_teacher(setup.teacher, input_ids, want_hidden, fused, loss.needs_layers)
     teacher_head = None
     if fused and loss.kl > 0:
         t_head = setup.teacher.get_output_embeddings()
