@@ -21,6 +21,12 @@ Shapes:
 - ``demo``: the bundled SmolLM2-135M teacher and the demo's 15-layer importance cut, batch
   4 x 256, the ``smollm2-demo`` recipe.
 
+Systems: ``lmdistill`` (the live teacher), ``trl``, and ``lmdistill-cache``: lmdistill reading
+stored teacher targets instead of running the teacher (``lmdistill cache-teacher --top-k 64``
+with its default tail samples, built once per shape over the first ``CACHE_CHARS`` characters
+of the source's training documents; the recipe's loss without its cosine term, which a cache
+cannot serve). TRL has no such path; its limit is the step without the teacher forward.
+
 Per process: step time = wall time between the ends of consecutive optimiser steps (data,
 forward, backward, optimiser and logging: lmdistill's ``elapsed_s`` in ``metrics.jsonl``, a
 step-end callback in TRL), median over the steps after the first; peak RSS two ways, both read
@@ -52,7 +58,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 TRL_VERSION = "1.16.0"
-SYSTEMS = ("lmdistill", "trl")
+SYSTEMS = ("lmdistill", "lmdistill-cache", "trl")
+CACHE_CHARS = 300_000  # about 70,000 GPT-2 tokens: a cache build of about a minute per shape
+CACHE_TOP_K = 64
 POLL_S = 0.25
 
 
@@ -212,6 +220,28 @@ def token_blocks(shape: Shape, teacher: Path, work: Path, source: str) -> Path:
     return out
 
 
+def cache_text(work: Path, source: str) -> Path:
+    """The first ``CACHE_CHARS`` characters of ``source``'s training documents, as a text source."""
+    from lmdistill.data.sources import parse_source
+
+    out = work / f"cache-text-{source.replace(':', '_')}-{CACHE_CHARS}.txt"
+    if not out.is_file():
+        text = "\n\n".join(parse_source(source).documents("train"))[:CACHE_CHARS]
+        out.with_suffix(".partial").write_text(text)
+        out.with_suffix(".partial").rename(out)
+    return out
+
+
+def teacher_cache(shape: Shape, teacher: Path, text: Path, work: Path) -> Path:
+    """Stored targets of ``teacher`` on ``text`` for the shape's block (built once)."""
+    out = work / f"cache-{teacher.name}-{text.stem}-{shape.seq}-k{CACHE_TOP_K}"
+    if not (out / "manifest.json").is_file():
+        subprocess.run([sys.executable, "-m", "lmdistill", "cache-teacher", "--teacher", str(teacher), "--data",
+                        str(text), "--top-k", str(CACHE_TOP_K), "--temperatures", "2", "--block-size", str(shape.seq),
+                        "--out", str(out)], check=True, cwd=REPO, env=lmdistill_env())
+    return out
+
+
 def lmdistill_env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
 
@@ -221,14 +251,18 @@ def lmdistill_env() -> dict[str, str]:
 
 
 def measure_lmdistill(shape: Shape, teacher: Path, student: Path, args: argparse.Namespace,
-                      run_dir: Path) -> Measured:
+                      run_dir: Path, cached: tuple[Path, Path] | None = None) -> Measured:
+    """lmdistill with the live teacher, or, with ``cached`` ``(text, cache)``, reading stored targets."""
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    overrides = [f"model.teacher={teacher}", f"model.student={student}", f"data.sources=[{args.source}]", f"data.block_size={shape.seq}",
+    source = args.source if cached is None else cached[0]
+    overrides = [f"model.teacher={teacher}", f"model.student={student}", f"data.sources=[{source}]", f"data.block_size={shape.seq}",
                  f"train.batch_size={shape.batch}", "train.grad_accum=1", f"train.max_steps={shape.steps}",
                  "train.max_minutes=null", "train.max_tokens=null", "train.eval_every=0", "train.checkpoint_every=0",
                  f"train.eval_tokens={shape.seq}", f"train.threads={args.threads}", "train.precision=fp32",
                  *args.set]
+    if cached is not None:
+        overrides += [f"model.teacher_cache={cached[1]}", "loss.cos=0"]
     cmd = [sys.executable, "-m", "lmdistill", "distill", "--config", shape.recipe, "--out", str(run_dir), *overrides]
     measured = run_measured(cmd, log=run_dir.with_suffix(".log"), env=lmdistill_env(), max_rss=args.max_rss)
     if measured.returncode == 0:
@@ -255,18 +289,21 @@ def measure_trl(shape: Shape, teacher: Path, student: Path, blocks: Path, python
 
 
 def summarize(runs: list[dict[str, Any]], flops_per_token: dict[str, float], peak: float) -> list[dict[str, Any]]:
-    """One row per (shape, system): median tokens/s over rounds, the largest peaks, ratios to TRL."""
+    """One row per (shape, system): median tokens/s over rounds, the largest peaks, ratios to TRL.
+    ``flops_per_token`` is keyed ``"SHAPE"`` (the step with a teacher forward) and, for systems
+    whose step differs, ``"SHAPE/SYSTEM"``."""
     rows = []
     for shape in dict.fromkeys(run["shape"] for run in runs):
         for system in dict.fromkeys(run["system"] for run in runs if run["shape"] == shape):
             mine = [run for run in runs if run["shape"] == shape and run["system"] == system]
             rates = [run["tokens_per_s"] for run in mine if run["tokens_per_s"]]
             rate = statistics.median(rates) if rates else None
-            achieved = rate * flops_per_token[shape] if rate else None
+            flops = flops_per_token.get(f"{shape}/{system}", flops_per_token[shape])
+            achieved = rate * flops if rate else None
             rows.append({
                 "shape": shape, "system": system, "rounds": len(mine), "tokens_per_s": rate,
                 "tokens_per_s_each": rates, "achieved_flops_per_s": achieved,
-                "limit_tokens_per_s": peak / flops_per_token[shape],
+                "limit_tokens_per_s": peak / flops,
                 "fraction_of_limit": achieved / peak if achieved else None,
                 "sampled_peak_rss": max(run["sampled_peak_rss"] for run in mine),
                 "vm_hwm": max(run["vm_hwm"] for run in mine),
@@ -330,25 +367,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     work = Path(args.work) if args.work else cache_dir() / "peers"
     work.mkdir(parents=True, exist_ok=True)
     python = trl_python(cache_dir() / "peers-venv", args.trl_version) if "trl" in systems else None
-    assets = {}
+    assets, flops_per_token, caches = {}, {}, {}
     for shape in shapes:
         teacher = teacher_folder(shape, work)
         student = student_folder(shape, teacher, work)
-        flops = step_flops(AutoConfig.from_pretrained(teacher), AutoConfig.from_pretrained(student), shape.seq,
-                           shape.batch * shape.seq)
-        assets[shape.name] = (teacher, student, token_blocks(shape, teacher, work, args.source), flops["per_token"])
+        teacher_config, student_config = AutoConfig.from_pretrained(teacher), AutoConfig.from_pretrained(student)
+        tokens = shape.batch * shape.seq
+        flops_per_token[shape.name] = step_flops(teacher_config, student_config, shape.seq, tokens)["per_token"]
+        assets[shape.name] = (teacher, student, token_blocks(shape, teacher, work, args.source))
+        if "lmdistill-cache" in systems:
+            text = cache_text(work, args.source)
+            caches[shape.name] = (text, teacher_cache(shape, teacher, text, work))
+            flops_per_token[f"{shape.name}/lmdistill-cache"] = step_flops(None, student_config, shape.seq,
+                                                                          tokens)["per_token"]
 
     torch.set_num_threads(args.threads)
     peaks = [matmul_peak(torch.device("cpu"), torch.float32, 2048)["flops_per_s"]]
     runs = []
     for round_ in range(1, args.rounds + 1):
         for shape in shapes:
-            teacher, student, blocks, _ = assets[shape.name]
+            teacher, student, blocks = assets[shape.name]
             for system in systems:
                 run_dir = work / "runs" / f"{shape.name}-{system}-{round_}"
                 print(f"[peers] round {round_}: {shape.name} {system} ...", flush=True)
                 if system == "lmdistill":
                     measured = measure_lmdistill(shape, teacher, student, args, run_dir)
+                elif system == "lmdistill-cache":
+                    measured = measure_lmdistill(shape, teacher, student, args, run_dir, caches[shape.name])
                 else:
                     measured = measure_trl(shape, teacher, student, blocks, python, args, run_dir)
                 seconds = measured.step_seconds
@@ -359,12 +404,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                       f"VmHWM {measured.vm_hwm / 2**30:.2f} GiB", flush=True)
     peaks.append(matmul_peak(torch.device("cpu"), torch.float32, 2048)["flops_per_s"])
     peak = max(peaks)
-    rows = summarize(runs, {name: asset[3] for name, asset in assets.items()}, peak)
+    rows = summarize(runs, flops_per_token, peak)
     lines = format_rows(rows, peak)
     print("\n" + "\n".join(lines))
     Path(args.out).write_text(json.dumps({
         "threads": args.threads, "torch": torch.__version__, "trl": args.trl_version, "peaks_flops_per_s": peaks,
-        "flops_per_token": {name: asset[3] for name, asset in assets.items()}, "rows": rows, "runs": runs,
+        "flops_per_token": flops_per_token, "rows": rows, "runs": runs,
         "load_average": os.getloadavg(),
     }, indent=2) + "\n")
     print(f"\n[peers] wrote {args.out}")

@@ -116,6 +116,21 @@ def test_chunk_sizes(chunk, use_mask):
     assert_matches(x, labels, mask if use_mask else None, 1.5, 0.7, 2.0, "mean", chunk)
 
 
+@pytest.mark.parametrize("block", [1, 16, 49, 50])
+def test_head_products_in_vocabulary_blocks(block, monkeypatch):
+    # On a CPU the logits are written a block of vocabulary columns at a time (2,048 by default,
+    # more than this vocabulary of 50): blocks that do not divide it, a single column, exactly V.
+    from lmdistill.loss import chunks
+
+    monkeypatch.setattr(chunks, "CPU_VOCAB_BLOCK", block)
+    x, labels, mask = make(bias=True, teacher_bias=True, seed=2)
+    assert_matches(x, labels, mask, 1.5, 0.7, 2.0, "mean", chunk=4)
+    h, w = torch.randn(14, D), torch.randn(V, D)
+    out = torch.full((14, V), float("nan"))  # every column must be written
+    # float32, sums of 16 products: a kernel may order them differently for a narrower block
+    torch.testing.assert_close(chunks._mm_head(h, w, out), h @ w.T, rtol=1e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_bias_gradients(reduction):
     x, labels, mask = make(bias=True, teacher_bias=True, seed=3)

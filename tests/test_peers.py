@@ -57,13 +57,17 @@ def test_summary_takes_medians_over_rounds_and_ratios_to_trl():
 
     runs = [run("lmdistill", 1, 180.0, 3 * 2**30), run("trl", 1, 150.0, 5 * 2**30),
             run("lmdistill", 2, 170.0, 3.5 * 2**30), run("trl", 2, 130.0, 4 * 2**30),
-            run("lmdistill", 3, 200.0, 3 * 2**30), run("trl", 3, None, 21 * 2**30, -9, 20.5 * 2**30)]
-    rows = {row["system"]: row for row in peers.summarize(runs, {"s": 1e9}, peak=250e9)}
+            run("lmdistill", 3, 200.0, 3 * 2**30), run("trl", 3, None, 21 * 2**30, -9, 20.5 * 2**30),
+            run("lmdistill-cache", 1, 300.0, 2 * 2**30)]
+    rows = {row["system"]: row for row in peers.summarize(runs, {"s": 1e9, "s/lmdistill-cache": 0.5e9}, peak=250e9)}
     lmd, trl = rows["lmdistill"], rows["trl"]
     assert lmd["tokens_per_s"] == 180.0 and trl["tokens_per_s"] == 140.0  # medians of what finished
     assert lmd["speed_vs_trl"] == pytest.approx(180 / 140)
     assert lmd["fraction_of_limit"] == pytest.approx(180e9 / 250e9) and lmd["limit_tokens_per_s"] == 250.0
     assert trl["failed"] == ["round 3: killed at 20.5 GiB RSS"]
+    cache = rows["lmdistill-cache"]  # its own FLOPs per token: the step without the teacher forward
+    assert cache["limit_tokens_per_s"] == 500.0 and cache["fraction_of_limit"] == pytest.approx(0.6)
+    assert cache["speed_vs_trl"] == pytest.approx(300 / 140)
     assert lmd["rss_vs_trl"] is None  # no memory ratio against a run that did not finish
     table = "\n".join(peers.format_rows(list(rows.values()), 250e9))
     assert "| s | lmdistill | 180.0 (180.0 / 170.0 / 200.0) | 1.29 | 180.0 | 72% | 3.50 GiB |" in table

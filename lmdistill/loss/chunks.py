@@ -342,9 +342,9 @@ class _Buffers:
         """``x @ w.T + b`` into a pooled ``(k, vocab)`` buffer of the compute dtype."""
         out = self.pool.take(x.shape[0])
         if self.low is None:
-            torch.mm(x, w.t(), out=out)
+            _mm_head(x, w, out)
         else:
-            tmp = torch.mm(x, w.t(), out=self.low.take(x.shape[0]))
+            tmp = _mm_head(x, w, self.low.take(x.shape[0]))
             out.copy_(tmp)
             self.low.release(tmp)
         if b is not None:
@@ -355,6 +355,23 @@ class _Buffers:
         self.pool.reset()
         if self.low is not None:
             self.low.reset()
+
+
+# Vocabulary columns per product on a CPU. Written a block at a time, ``x @ w.T`` into a
+# (rows, vocab) buffer runs 8-20% faster than in one product (measured at 256 rows for the
+# GPT-2 and SmolLM2 heads on 2 cores: 160-179 -> 190-194 GFLOP/s), and it is the same sums in
+# the same order, written in place. GPUs take the one product.
+CPU_VOCAB_BLOCK = 2048
+
+
+def _mm_head(x: Tensor, w: Tensor, out: Tensor) -> Tensor:
+    """``x @ w.T`` into ``out`` (``(rows, vocab)``, contiguous)."""
+    if out.device.type != "cpu":
+        return torch.mm(x, w.t(), out=out)
+    for start in range(0, w.shape[0], CPU_VOCAB_BLOCK):
+        stop = start + CPU_VOCAB_BLOCK
+        torch.mm(x, w[start:stop].t(), out=out[:, start:stop])
+    return out
 
 
 class _Pool:
