@@ -449,6 +449,16 @@ def _steps(setup, n: int = 2) -> list[dict]:
     return [train_step(setup, optimizer, [sampler.next_batch(tokens)]) for _ in range(n)]
 
 
+def test_a_step_frees_its_gradients_once_the_weights_moved(ws):
+    setup = build_setup(config(ws, max_steps=2))
+    before = {name: p.detach().clone() for name, p in setup.student.named_parameters()}
+    metrics = _steps(setup, 1)[0]
+    assert metrics["grad_norm"] > 0
+    assert all(p.grad is None for p in setup.student.parameters())  # nothing held between steps
+    moved = [name for name, p in setup.student.named_parameters() if not torch.equal(p, before[name])]
+    assert moved and len(moved) == sum(p.requires_grad for p in setup.student.parameters())
+
+
 def test_gradient_scaler_path_matches_float32(ws):
     """fp16's GradScaler path (scale, unscale, step, update), here on CPU float32: the
     power-of-two scale cancels exactly."""

@@ -116,6 +116,9 @@ def train_step(setup: Setup, optimizer: torch.optim.Optimizer, micro_batches: li
         scaler.update()
     else:
         optimizer.step()
+    # Freed now, not at the next step's start: validation and checkpoints between steps then
+    # run without a second copy of the student's size (the gradients) held for nothing.
+    optimizer.zero_grad(set_to_none=True)
     metrics["grad_norm"] = grad_norm
     if scaler is not None:
         metrics["loss_scale"] = scaler.get_scale()
