@@ -59,3 +59,25 @@ def test_the_teacher_counts_only_when_its_logits_are_read(models):
         0, "full logits, loss.chunk_tokens=256 ignored: the teacher's logits are not a plain linear head (Sequential)")
     assert logit_path(LossConfig(kl=0), teacher, student).chunk_tokens == 256  # CE only: the student's head alone
     assert logit_path(LossConfig(), None, student).chunk_tokens == 256  # stored targets: no teacher head
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("make", [tiny_gpt2, tiny_llama], ids=["gpt2", "llama"])
+def test_training_forwards_build_no_kv_cache(make, fused, monkeypatch):
+    # A key/value cache is for generation; in a training step it would only hold a copy of every
+    # layer's keys and values until the step's outputs are freed (600 MB for GPT-2 at 8 x 1024).
+    import torch
+    from transformers import cache_utils
+
+    from lmdistill.loss.objective import forward_model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a training forward built a KV cache")
+
+    monkeypatch.setattr(cache_utils.DynamicCache, "__init__", refuse)
+    model = make()
+    ids = torch.randint(0, 97, (2, 8), generator=torch.Generator().manual_seed(0))
+    logits, states = forward_model(model, ids, want_hidden=True, fused=fused, want_layers=False)
+    assert states[-1].shape[:2] == (2, 8)
+    with pytest.raises(AssertionError, match="KV cache"):
+        model(input_ids=ids)  # the model's own default would have built one

@@ -23,10 +23,10 @@ def forward_model(model: PreTrainedModel, input_ids: torch.Tensor, want_hidden: 
     output only when ``want_layers`` too (a tuple of them holds a teacher's, which nothing else
     keeps, until the loss is done)."""
     if not fused:
-        out = model(input_ids=input_ids, output_hidden_states=want_hidden)
+        out = model(input_ids=input_ids, output_hidden_states=want_hidden, use_cache=False)
         return out.logits, (out.hidden_states if want_hidden else None)
     every = want_hidden and want_layers
-    out = model.base_model(input_ids=input_ids, output_hidden_states=every)
+    out = model.base_model(input_ids=input_ids, output_hidden_states=every, use_cache=False)
     return None, (out.hidden_states if every else (out.last_hidden_state,))
 
 
@@ -105,7 +105,7 @@ class StudentObjective(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, teacher_logits=None,
                 teacher_states=None, teacher_head=None, cached: SparseTargets | None = None, logits_only: bool = False):
         if logits_only:
-            return self.student(input_ids=input_ids).logits
+            return self.student(input_ids=input_ids, use_cache=False).logits
         if cached is not None:
             return self._cached_loss(input_ids, labels, cached)
         loss = self.loss
@@ -149,7 +149,7 @@ class StudentObjective(nn.Module):
                 temperature=loss.temperature, reduction="sum", student_head_bias=head.bias,
                 chunk_tokens=self.chunk_tokens, matmul_dtype=self.matmul_dtype, teacher_targets=cached)
             return out.total, dict(out.terms)
-        student_logits = self.student(input_ids=input_ids).logits
+        student_logits = self.student(input_ids=input_ids, use_cache=False).logits
         kl = sparse_kl_divergence(student_logits, cached.values, cached.indices, cached.lse,
                                   temperature=loss.temperature, reduction="sum",
                                   tail_indices=cached.tail_indices, tail_values=cached.tail_values)
