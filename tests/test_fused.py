@@ -118,13 +118,20 @@ def test_chunk_sizes(chunk, use_mask):
 
 @pytest.mark.parametrize("block", [1, 16, 49, 50])
 def test_head_products_in_vocabulary_blocks(block, monkeypatch):
-    # On a CPU the logits are written a block of vocabulary columns at a time (2,048 by default,
-    # more than this vocabulary of 50): blocks that do not divide it, a single column, exactly V.
+    # On a CPU, float32 logits are written a block of vocabulary columns at a time (2,048 by
+    # default, more than this vocabulary of 50): blocks that do not divide it, a single column, V.
     from lmdistill.loss import chunks
 
     monkeypatch.setattr(chunks, "CPU_VOCAB_BLOCK", block)
-    x, labels, mask = make(bias=True, teacher_bias=True, seed=2)
-    assert_matches(x, labels, mask, 1.5, 0.7, 2.0, "mean", chunk=4)
+    x64, labels, mask = make(bias=True, teacher_bias=True, seed=2)
+    x32 = {k: None if v is None else v.detach().float().requires_grad_(v.requires_grad) for k, v in x64.items()}
+    out = chunked(x32, labels, mask, 1.5, 0.7, 2.0, "mean", 4)
+    ref_total, ref_terms = reference(x64, labels, mask, 1.5, 0.7, 2.0, "mean")
+    # float32 against the float64 reference, with the bounds of test_float32_close_to_float64
+    for k in ref_terms:
+        torch.testing.assert_close(out.terms[k].double(), ref_terms[k], rtol=1e-5, atol=1e-6)
+    for a, b in zip(grads(out.total, student_params(x32)), grads(ref_total, student_params(x64))):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6)
     h, w = torch.randn(14, D), torch.randn(V, D)
     out = torch.full((14, V), float("nan"))  # every column must be written
     # float32, sums of 16 products: a kernel may order them differently for a narrower block
