@@ -235,7 +235,7 @@ def cache_text(work: Path, source: str) -> Path:
 def teacher_cache(shape: Shape, teacher: Path, text: Path, work: Path) -> Path:
     """Stored targets of ``teacher`` on ``text`` for the shape's block (built once)."""
     out = work / f"cache-{teacher.name}-{text.stem}-{shape.seq}-k{CACHE_TOP_K}"
-    if not (out / "manifest.json").is_file():
+    if not any(out.glob("train.*.bin")):  # one part, renamed into place when complete
         subprocess.run([sys.executable, "-m", "lmdistill", "cache-teacher", "--teacher", str(teacher), "--data",
                         str(text), "--top-k", str(CACHE_TOP_K), "--temperatures", "2", "--block-size", str(shape.seq),
                         "--out", str(out)], check=True, cwd=REPO, env=lmdistill_env())
