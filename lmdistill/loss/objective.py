@@ -20,8 +20,8 @@ def forward_model(model: PreTrainedModel, input_ids: torch.Tensor, want_hidden: 
                   want_layers: bool = True):
     """``(logits, hidden_states)``. Fused: no logits, only the body (the loss applies the lm_head
     chunk by chunk) and at least the last hidden state, after the final norm; every layer's
-    output only when ``want_layers`` too (a tuple of them holds a teacher's, which nothing else
-    keeps, until the loss is done)."""
+    output only when ``want_layers`` too (for a teacher, that tuple would keep every layer's
+    output alive until the loss is done)."""
     if not fused:
         out = model(input_ids=input_ids, output_hidden_states=want_hidden, use_cache=False)
         return out.logits, (out.hidden_states if want_hidden else None)
