@@ -171,27 +171,12 @@ def trl_python(venv: Path, trl_version: str) -> Path:
     return python
 
 
-def random_gpt2(folder: Path) -> Path:
-    """A GPT-2-124M-shaped model (``GPT2Config()``, dropout included) with random weights, seed 0."""
-    if (folder / "config.json").is_file():
-        return folder
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from lmdistill.models.load import load_tokenizer
-
-    torch.manual_seed(0)
-    scratch = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(scratch, ignore_errors=True)
-    GPT2LMHeadModel(GPT2Config()).save_pretrained(scratch)
-    load_tokenizer("gpt2").save_pretrained(scratch)
-    scratch.rename(folder)
-    return folder
-
-
 def teacher_folder(shape: Shape, work: Path) -> Path:
     if shape.teacher == "random-gpt2":
-        return random_gpt2(work / "gpt2-124m-random")
+        # The script's folder is on sys.path when it runs (``python benchmarks/peers.py``).
+        from train_throughput import save_random_gpt2
+
+        return save_random_gpt2(work / "gpt2-124m-random")
     from lmdistill.models.bundled import ensure_alias_cached
 
     return ensure_alias_cached(shape.teacher)

@@ -69,10 +69,16 @@ def synchronize(device: torch.device) -> None:
 
 
 def save_random_gpt2(folder: Path) -> Path:
-    """A GPT-2-124M-shaped teacher (GPT2Config defaults) with random weights and the real tokenizer."""
+    """A GPT-2-124M-shaped teacher (GPT2Config defaults, dropout included) with random weights
+    (seed 0) and the real tokenizer, written once, atomically (``benchmarks/peers.py`` keeps it)."""
+    if (folder / "config.json").is_file():
+        return folder
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)
-    load_tokenizer("gpt2").save_pretrained(folder)
+    scratch = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(scratch, ignore_errors=True)
+    GPT2LMHeadModel(GPT2Config()).save_pretrained(scratch)
+    load_tokenizer("gpt2").save_pretrained(scratch)
+    scratch.rename(folder)
     return folder
 
 
@@ -81,9 +87,7 @@ def recipe_config(recipe: str, seq: int, batch: int, device: str, source: str, e
                  f"data.sources=[{source}]", f"train.device={device}",
                  "train.precision=fp32", "train.tf32=false"]  # float32, as the peak it is compared with
     if recipe == RANDOM_GPT2:
-        teacher = work / "gpt2-124m"
-        if not (teacher / "config.json").is_file():
-            save_random_gpt2(teacher)
+        teacher = save_random_gpt2(work / "gpt2-124m")
         return load_config("distilgpt2", [f"model.teacher={teacher}", *overrides, *extra])
     return load_config(recipe, [*overrides, *extra])
 
