@@ -12,15 +12,12 @@ import numbers
 import re
 import struct
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, ClassVar, get_args, get_origin, get_type_hints
+from typing import Any, ClassVar, get_type_hints
 
 import yaml
 
-from .errors import LmdistillError
-
-
-class ConfigError(LmdistillError):
-    """A configuration value that is missing, unknown or out of range; the message names the fix."""
+from .config_values import build_section, coerce_value
+from .errors import ConfigError
 
 
 def _check(condition: bool, name: str, message: str) -> None:
@@ -182,7 +179,7 @@ class ModelConfig:
     def read_field(cls, name: str, value: Any) -> Any:
         """``value`` (command-line text, or a list of them) as field ``name``, converted and checked
         as in a recipe's model section; ``init-student``'s options are these fields."""
-        value = _coerce(value, get_type_hints(cls)[name], f"model.{name}")
+        value = coerce_value(value, get_type_hints(cls)[name], f"model.{name}")
         cls(**{name: value})  # the section's checks; none of them depends on another field
         return value
 
@@ -298,6 +295,9 @@ TEACHER_SHARDING = ("replicate", "fsdp")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
+LOG_TO = ("jsonl", "tensorboard")
+
+
 @dataclass
 class TrainConfig:
     batch_size: int = 4
@@ -352,6 +352,8 @@ class TrainConfig:
     """Recompute each student decoder layer's activations in the backward pass instead of storing them (less memory, about a third more compute)."""
     dropout: float | None = None
     """The student's dropout rate while it trains (dropout modules and attention dropout); None: its config's. With 0, attention on a CPU runs its fused kernel (dropout makes it store every attention matrix)."""
+    log_to: list[str] = field(default_factory=lambda: ["jsonl"])
+    """Where the metrics go: jsonl (RUN/metrics.jsonl, which resume and the report read: always on) and tensorboard (RUN/tensorboard/, event files with the same scalars and the config; needs the tensorboard package)."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "train.batch_size", "must be at least 1")
@@ -396,6 +398,9 @@ class TrainConfig:
         _check(self.teacher_sharding in TEACHER_SHARDING, "train.teacher_sharding",
                f"{self.teacher_sharding!r} is not one of {', '.join(TEACHER_SHARDING)}")
         _check(self.precision in PRECISIONS, "train.precision", f"{self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        _check(set(self.log_to) <= set(LOG_TO) and "jsonl" in self.log_to, "train.log_to",
+               f"{self.log_to} must list jsonl (resume and the report read metrics.jsonl) and may add tensorboard, "
+               "e.g. [jsonl, tensorboard]")
 
 
 @dataclass
@@ -422,7 +427,7 @@ class RunConfig:
         sections = {}
         for f in fields(cls):
             section_cls = get_type_hints(cls)[f.name]
-            sections[f.name] = _build(section_cls, data.get(f.name) or {}, f.name)
+            sections[f.name] = build_section(section_cls, data.get(f.name) or {}, f.name)
         return cls(**sections)
 
 
@@ -440,60 +445,3 @@ def check_teacher_cache_settings(config: RunConfig) -> None:
            f"{loss.divergence}; set loss.divergence=forward_kl, or train with the live teacher")
     _check(loss.kl > 0, "model.teacher_cache",
            "loss.kl is 0, so the cache would never be read; set loss.kl > 0 or model.teacher_cache=null")
-
-
-def _build(section_cls: type, values: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(values, dict):
-        raise ConfigError(f"config section {prefix} must be a mapping, got {values!r}; write it as '{prefix}:' "
-                          f"followed by indented 'field: value' lines")
-    hints = get_type_hints(section_cls)
-    known = {f.name for f in fields(section_cls)}
-    unknown = set(values) - known
-    if unknown:
-        raise ConfigError(f"unknown config field(s) {', '.join(f'{prefix}.{u}' for u in sorted(unknown))}; valid: {', '.join(sorted(known))}")
-    converted = {name: _coerce(value, hints[name], f"{prefix}.{name}") for name, value in values.items()}
-    return section_cls(**converted)
-
-
-_EXAMPLES = {int: "a whole number such as 100", float: "a number such as 2.5e-4", bool: "true or false"}
-
-
-def _coerce(value: Any, hint: Any, name: str) -> Any:
-    """Convert a YAML or command-line value to the field's type, or fail naming the field."""
-    if value is None or (isinstance(value, str) and value in ("None", "none", "null")):
-        if type(None) in get_args(hint):
-            return None
-        raise ConfigError(f"config value {name} may not be empty")
-    args = [a for a in get_args(hint) if a is not type(None)]
-    target = args[0] if get_origin(hint) is not list and args else hint
-    origin = get_origin(target)
-    try:
-        if origin is list:
-            (item,) = get_args(target)
-            if isinstance(value, str):
-                value = [v for v in value.split(",") if v.strip()]
-            elif not isinstance(value, (list, tuple)):
-                value = [value]  # a single value for a list field: model.layers=3
-            return [_coerce(v, item, name) for v in value]
-        if target is bool:
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError(value)
-            return bool(value)
-        if target in (int, float) and isinstance(value, bool):
-            raise ValueError(value)  # YAML's true/false are not numbers here
-        if target is int:
-            if isinstance(value, float) and not value.is_integer():
-                raise ValueError(value)
-            return int(float(value)) if isinstance(value, str) and ("e" in value.lower()) else int(value)
-        if target is float:
-            return float(value)
-        if target is str:
-            return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"config value {name}: cannot read {value!r} as {getattr(target, '__name__', target)}; "
-                          f"give {_EXAMPLES.get(target, 'a value of that type')}") from None
-    return value

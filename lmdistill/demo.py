@@ -31,6 +31,7 @@ from .models.arch import config_context_length
 from .models.device import cpu_computes_bf16, model_device, resolve_device
 from .models.load import load_model, load_tokenizer, model_config
 from .report import results as demo_results
+from .card import add_results, current_command
 from .report.write import write_report
 from .student.maps import resolve_strategy
 from .train.run import run_training
@@ -70,11 +71,15 @@ def run_demo(out: Path, minutes: float = 10.0, eval_tokens: int = 32768, resume:
                **_compare(config, run, protocol, eval_tokens)}
     results["total_seconds"] = round(time.perf_counter() - started, 1)
     write_text_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
+    add_results(run.student, evaluation={"result": results["eval"], "student": demo_results.DISTILLED,
+                                         "teacher": "teacher"},
+                bench=results["bench"], command=current_command("lmdistill demo"))
     # The report adds the training plots and the config to what is printed below.
     write_report(out)
     print()
     print(format_results(results), end="")
-    print(f"[demo] wrote {run.report} and {out / 'results.json'}; total {results['total_seconds']:.0f} s")
+    print(f"[demo] wrote {run.report}, {out / 'results.json'} and the student's model card "
+          f"{run.student / 'README.md'}; total {results['total_seconds']:.0f} s")
     return results
 
 

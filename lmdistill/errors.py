@@ -15,6 +15,10 @@ class LmdistillError(ValueError):
     A ``ValueError`` so that callers of the library that catch ``ValueError`` keep working."""
 
 
+class ConfigError(LmdistillError):
+    """A configuration value that is missing, unknown or out of range; the message names the fix."""
+
+
 class NonFiniteError(LmdistillError):
     """A NaN or an infinity where a number must be finite (a training step, a teacher's
     logits); nothing non-finite was written. The message names the likely cause and the fix."""

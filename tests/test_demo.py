@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import yaml
+
 from lmdistill import demo
 from lmdistill.demo import NEW_TOKENS, choose_precision, precision_name, run_demo
 from lmdistill.models.device import cpu_computes_bf16
@@ -64,6 +66,19 @@ def test_demo_pipeline_on_a_tiny_teacher(tmp_path, gpt2_tokenizer, capsys, monke
     assert results["precision"] == ("bf16 autocast (this CPU computes bf16 natively), float32 master weights"
                                     if native else "float32")
     assert f"threads, {results['precision']}" in printed and f"; {results['precision']})." in printed
+
+    # The student's model card holds the demo's measured perplexities, ratios and speed-up.
+    card = (out / "student" / "README.md").read_text()
+    meta = yaml.safe_load(card[4:].split("\n---\n", 1)[0])
+    assert meta["library_name"] == "transformers" and "distillation" in meta["tags"]
+    scored = {r["dataset"]["name"]: r["metrics"][0]["value"] for r in meta["model-index"][0]["results"]}
+    distilled, teacher_row = rows["student (distilled)"], rows["teacher"]
+    assert scored == {label: round(distilled[label]["perplexity"], 4) for label in distilled}
+    for label in distilled:
+        ratio = distilled[label]["perplexity"] / teacher_row[label]["perplexity"]
+        assert f"{label.removeprefix('ppl ')} {ratio:.2f}x" in card
+    speedup = bench["student (distilled)"]["speedup"]["generation"]
+    assert f"({speedup:.2f}x)" in card and "12 steps" in card and "```bash\nlmdistill demo\n```" in card
 
 
 def test_demo_trains_under_bf16_only_on_a_cpu_that_computes_it(monkeypatch):

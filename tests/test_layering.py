@@ -14,9 +14,9 @@ ROOT = Path(lmdistill.__file__).parent
 
 # Lowest first. A unit is a subpackage of lmdistill or a module directly in it.
 ORDER = [
-    "errors", "atomic", "markdown", "config", "recipe", "schedule", "dist", "models", "data",
+    "errors", "atomic", "markdown", "config_values", "config", "recipe", "schedule", "dist", "models", "data",
     "loss", "teacher_cache", "student", "generate",
-    "evaluate", "train", "measure", "teacher_text",
+    "evaluate", "measure", "card", "train", "teacher_text",
     "report", "demo", "cli", "__main__",
 ]
 

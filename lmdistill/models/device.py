@@ -1,10 +1,12 @@
-"""Devices: the one a name asks for, the one a model's inputs go to, whether a CPU computes bf16;
-eval mode for a block."""
+"""Devices: the one a name asks for, the one a model's inputs go to, whether a CPU computes bf16,
+the hardware in words; eval mode for a block."""
 
 from __future__ import annotations
 
 import contextlib
+import platform
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -29,6 +31,28 @@ def cpu_computes_bf16() -> bool:
     than float32."""
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(probe() for probe in probes if probe is not None)
+
+
+def describe_hardware(device: torch.device, processes: int = 1) -> str:
+    """The hardware a run used, in words: ``2 x NVIDIA H200`` or ``AMD EPYC 9554 (x86_64), 2 threads``."""
+    if device.type == "cuda":
+        return f"{processes} x {torch.cuda.get_device_name(device)}"
+    if device.type != "cpu":
+        return f"{processes} x {device.type}"
+    threads = torch.get_num_threads()
+    return (f"{cpu_name()}, {threads} thread{'s' if threads > 1 else ''}"
+            + (f" x {processes} processes" if processes > 1 else ""))
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux's /proc/cpuinfo; elsewhere what the platform module knows)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and ":" in line:
+                return f"{line.split(':', 1)[1].strip()} ({platform.machine()})"
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
 
 
 def model_device(model: nn.Module) -> torch.device:

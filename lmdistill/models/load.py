@@ -123,6 +123,18 @@ def classify_model_spec(spec: str | Path) -> tuple[str, str]:
     return "hub", spec
 
 
+def hub_identity(spec: str | Path) -> tuple[str | None, str | None]:
+    """``(hub id, licence)`` of the model a MODEL argument names, each None where unknown: a
+    built-in alias knows both, a hub id is its own (licence unknown here), local files have none."""
+    spec = str(spec)
+    if spec in MODEL_ALIASES:
+        return MODEL_ALIASES[spec].hub_id, MODEL_ALIASES[spec].license
+    path = Path(spec)
+    if spec.endswith(".gguf") or path.exists() or path.is_absolute() or spec.startswith(".") or spec.count("/") > 1:
+        return None, None
+    return spec, None
+
+
 GGUF_MAGIC = b"GGUF"
 
 

@@ -8,6 +8,7 @@ writes to the run directory, the others wait for it at barriers.
 from __future__ import annotations
 
 import json
+import shlex
 import signal
 import threading
 import time
@@ -25,14 +26,15 @@ from ..data.errors import DataError
 from ..data.sampler import BlockSampler
 from ..errors import NonFiniteError
 from ..models.arch import count_parameters
+from ..models.device import describe_hardware
 from ..models.save import save_model
+from ..card import CardFacts, card_name, current_command, student_facts, training_facts, write_card
 from ..schedule import Budget, lr_factor
 from .health import ValidationWatch, non_finite_parameter, non_finite_stop, optimiser_fault
 from .rundir import (
     SHARED_RUN_DIR,
     RunDir,
     RunDirError,
-    append_metrics,
     load_trainer_state,
     read_metrics,
     resume_checkpoint,
@@ -44,6 +46,7 @@ from .rundir import (
 )
 from .setup import Setup, build_setup, describe_precision, make_optimizer
 from .step import next_micro_batch, train_step, validate
+from .tracking import Tracker, check_tracking
 
 
 @dataclass
@@ -70,6 +73,8 @@ class Loop:
     resumed: bool
     saved_step: int = -1
     """The step of the newest checkpoint written (or resumed from); -1 for none."""
+    tracker: Tracker | None = None
+    """Where metric rows go (rank 0; None on the other ranks)."""
 
     @property
     def config(self) -> RunConfig:
@@ -91,6 +96,7 @@ def train(run: RunDir, config: RunConfig, resume: bool, stop_at_step: int | None
     checkpoint = resume_checkpoint(run) if resume else None
     if resume and checkpoint is None and run.checkpoints.is_dir() and any(run.checkpoints.glob("step_*")):
         raise RunDirError(f"{run.checkpoints} holds no intact checkpoint; start a new run with another --out")
+    check_tracking(config)
     if setup is None:
         setup = build_setup(config, student_init=checkpoint / "student" if checkpoint else None, ranks=ranks)
     write_config(run, config, setup, resume)
@@ -105,15 +111,21 @@ def train(run: RunDir, config: RunConfig, resume: bool, stop_at_step: int | None
                 budget.warmup_fraction(config.train.warmup), done, resumed=resume)
     if checkpoint is not None:
         restore(loop, checkpoint)
-    else:
-        begin(loop)
-    watch = ValidationWatch(config, read_metrics(run.metrics) if ranks.is_main else [])
-    if step_until_done(loop, watch, stop_at_step, progress):
-        print(f"[lmdistill] stopped at step {done.step}; checkpoint written. "
-              f"Continue with: lmdistill distill --resume {run.root}"
-              + (" (under torchrun, with the same launch command)" if ranks.enabled else ""))
-        return run_summary(run, done, finished=False)
-    return finish(loop, watch)
+    if ranks.is_main:  # a resumed run's TensorBoard drops the events after its checkpoint, as metrics.jsonl
+        loop.tracker = Tracker(run, config, resume_step=(done.step if checkpoint else -1) if resume else None)
+    try:
+        if checkpoint is None:
+            begin(loop)
+        watch = ValidationWatch(config, read_metrics(run.metrics) if ranks.is_main else [])
+        if step_until_done(loop, watch, stop_at_step, progress):
+            print(f"[lmdistill] stopped at step {done.step}; checkpoint written. "
+                  f"Continue with: lmdistill distill --resume {run.root}"
+                  + (" (under torchrun, with the same launch command)" if ranks.enabled else ""))
+            return run_summary(run, done, finished=False)
+        return finish(loop, watch)
+    finally:
+        if loop.tracker is not None:
+            loop.tracker.close()
 
 
 def source_repeats(config: RunConfig, train_tokens: dict[str, int]) -> list[tuple[int, float]] | None:
@@ -189,8 +201,8 @@ def agree(setup: Setup, seconds: float, stop_requested: bool) -> tuple[float, bo
 
 def log_step(loop: Loop, lr: float, metrics: dict[str, float], seconds: float, bar: tqdm) -> None:
     done, tokens_per_step = loop.done, loop.tokens_per_step
-    if loop.setup.ranks.is_main:
-        append_metrics(loop.run, {
+    if loop.tracker is not None:
+        loop.tracker.log({
             "step": done.step, "tokens_seen": done.tokens_seen, "lr": lr,
             **{k: float(f"{v:.7g}") for k, v in metrics.items()},  # 7 significant digits
             "tokens_per_s": round(tokens_per_step / seconds, 1), "elapsed_s": round(done.elapsed, 2),
@@ -204,8 +216,8 @@ def validate_now(loop: Loop, say=print) -> dict[str, Any]:
     """Validate the student, log the row (rank 0) and return it."""
     setup, done = loop.setup, loop.done
     row = {"step": done.step, "tokens_seen": done.tokens_seen, **validate(setup, setup.data.tokens("validation"))}
-    if setup.ranks.is_main:
-        append_metrics(loop.run, row)
+    if loop.tracker is not None:
+        loop.tracker.log(row)
         say(f"[lmdistill] step {done.step}: validation perplexity {row['val_ppl']:.2f}")
     return row
 
@@ -236,7 +248,7 @@ def begin(loop: Loop) -> None:
             truncate_metrics(run, -1)
         print(f"[lmdistill] {run.root} has no checkpoint yet; starting it from the beginning")
     torch.manual_seed(loop.config.train.seed + ranks.rank)  # rank 0 as one process; other ranks' dropout differs
-    save_student(loop.setup, run, run.student_init)
+    save_student(loop.setup, run, run.student_init, student_card(loop.setup, run, None))
     row = validate_now(loop, say=lambda line: None)
     print(f"[lmdistill] step 0: validation perplexity {row['val_ppl']:.2f}")
 
@@ -290,13 +302,13 @@ def finish(loop: Loop, watch: ValidationWatch) -> dict[str, Any]:
     final_val = validate_now(loop, say=lambda line: None)
     watch.see(done.step, final_val["val_ppl"])
     save(loop)
-    save_student(setup, run, run.student)
     summary = run_summary(run, done, finished=True, train_seconds=round(done.elapsed, 1),
                           val_ppl=final_val["val_ppl"], student_parameters=count_parameters(setup.student))
     if ranks.enabled:
         summary["world_size"] = ranks.world_size
     if watch.warnings:
         summary["warnings"] = watch.warnings
+    save_student(setup, run, run.student, student_card(setup, run, summary))
     if ranks.is_main:
         with writing(run.root / "summary.json", "summary", run):
             write_text_atomic(run.root / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -314,15 +326,28 @@ def run_summary(run: RunDir, done: Progress, finished: bool, **measured: Any) ->
             "tokens_seen": done.tokens_seen, "finished": finished, **measured}
 
 
-def save_student(setup: Setup, run: RunDir, out_dir: Path) -> None:
-    """The student as an HF folder, written by rank 0 (its full weights gathered first when
-    FSDP2 shards it: every rank must call this)."""
+def save_student(setup: Setup, run: RunDir, out_dir: Path, card: CardFacts) -> None:
+    """The student as an HF folder with its model card, written by rank 0 (its full weights
+    gathered first when FSDP2 shards it: every rank must call this)."""
     ranks = setup.ranks
     state = dist.full_model_state(setup.objective, ranks, prefix="student.") if dist.is_sharded(setup.objective) else None
     if ranks.is_main:
         with writing(out_dir, "student", run):
-            save_model(setup.student, setup.tokenizer, out_dir, state_dict=state)
+            save_model(setup.student, setup.tokenizer, out_dir, state_dict=state,
+                       extra=lambda tmp: write_card(tmp, card, card_name(out_dir)))
     dist.barrier(ranks)
+
+
+def student_card(setup: Setup, run: RunDir, summary: dict[str, Any] | None) -> CardFacts:
+    """The card facts of the run's student: as initialised (``summary`` None) or as distilled."""
+    config = setup.config
+    training = None
+    if summary is not None:
+        training = training_facts(config, summary, describe_hardware(setup.device, setup.ranks.world_size),
+                                  describe_precision(setup.autocast, setup.device))
+    command = current_command(f"lmdistill distill --config {shlex.quote(str(run.config))} --out RUN")
+    return student_facts(config.model.teacher, setup.student, command, student_spec=config.model.student,
+                         training=training, config=config.to_dict())
 
 
 def check_resume_world_size(state: dict[str, Any], config: RunConfig, ranks: dist.DistInfo, tokens_per_step: int) -> None:

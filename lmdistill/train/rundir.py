@@ -9,8 +9,9 @@ Layout of a run directory::
       checkpoints/
         step_000050/           student/ (HF folder) + trainer_state.pt + manifest.json
         latest                 the name of the newest complete checkpoint
-      student_init/            the student before training (HF folder), for comparison
-      student/                 the final student (HF folder)
+      tensorboard/             event files with the same numbers (only with train.log_to: [..., tensorboard])
+      student_init/            the student before training (HF folder and model card), for comparison
+      student/                 the final student (HF folder and model card, README.md)
       summary.json             written last, when the run finishes
 
 A checkpoint is built in a hidden temporary folder and renamed into place, and ``latest`` is
