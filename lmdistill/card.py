@@ -168,23 +168,20 @@ def model_shape(config: Any) -> dict[str, int]:
 
 
 def describe_initialisation(config: Any, student_spec: str | None = None) -> str:
-    """How a student's weights were set before distillation, from what its config records."""
-    if student_spec is not None:
-        return f"the pretrained model `{student_spec}`"
+    """How a student's weights were set before distillation, from what its config records
+    (``student_spec``: the pretrained student a run started from)."""
     if getattr(config, "lmdistill_teacher_layers", None) is None:
-        return "its own weights (not cut by lmdistill)"
+        return f"the pretrained model `{student_spec}`" if student_spec else "its own weights (not cut by lmdistill)"
     layers = getattr(config, "lmdistill_layer_map", None)
-    if layers is None:
-        return "random weights in the cut architecture"
-    text = f"teacher layers {layers}"
+    text = "random weights in the cut architecture" if layers is None else f"teacher layers {layers}"
     choice = getattr(config, "lmdistill_layer_choice", None)
-    if isinstance(choice, dict):
+    if layers is not None and isinstance(choice, dict):
         text += f", chosen by {choice.get('strategy')} on {choice.get('calibration_tokens', 0):,} calibration tokens"
     width = getattr(config, "lmdistill_width_choice", None)
     if isinstance(width, dict) and not width.get("random_init"):
         text += (f"; MLP neurons and attention heads kept by activation importance on "
                  f"{width.get('calibration_tokens', 0):,} calibration tokens")
-    return text
+    return f"`{student_spec}`, cut by lmdistill: {text}" if student_spec else text
 
 
 def training_facts(config: Any, summary: dict[str, Any], hardware: str, precision: str) -> dict[str, Any]:
@@ -281,7 +278,7 @@ def _summary(facts: CardFacts) -> str:
     share = facts.student_parameters / facts.teacher_parameters if facts.teacher_parameters else float("nan")
     state = "distilled" if facts.training else "cut (not yet distilled)"
     teacher = f"[{facts.base_model}](https://huggingface.co/{facts.base_model})" if facts.base_model else f"`{facts.teacher}`"
-    return (f"A {facts.student_parameters / 1e6:.1f}M-parameter student of {teacher}, {state} with "
+    return (f"This {facts.student_parameters / 1e6:.1f}M-parameter model is a student of {teacher}, {state} with "
             f"lmdistill: {facts.shape.get('layers', '?')} decoder layers against the "
             f"teacher's {facts.teacher_layers}, {number(share, '.0%')} of its {facts.teacher_parameters / 1e6:.1f}M "
             "parameters. It loads with `AutoModelForCausalLM` and uses the teacher's tokenizer.")
@@ -341,11 +338,11 @@ def _speed(facts: CardFacts) -> list[str]:
 def _limits(facts: CardFacts) -> str:
     seen = get(facts.training, "tokens_seen")
     data = get(facts.training, "data")
-    trained = (f"It was distilled on {seen:,} tokens of {data}" if finite(seen) and data
-               else "It has not been distilled yet: a cut teacher is far worse than its teacher until it is")
+    trained = (f"It was distilled on {seen:,} tokens of {data}; on text unlike that data it falls further behind "
+               "its teacher than its scores on that data show." if finite(seen) and data
+               else "It has not been distilled yet: a cut teacher scores far worse than its teacher until it is.")
     return (f"A research and engineering artefact: a smaller, faster stand-in for its teacher where the teacher's "
-            f"quality is not needed, and a starting point for further distillation. {trained}; on text unlike that "
-            "data it falls further behind its teacher than the evaluation above shows. It inherits its teacher's "
+            f"quality is not needed, and a starting point for further distillation. {trained} It inherits its teacher's "
             "limits and biases (and its licence), knows less than the teacher, and should not be relied on for "
             "facts or for safety-relevant decisions.")
 

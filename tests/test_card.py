@@ -124,3 +124,17 @@ def test_card_name_of_a_runs_students(tmp_path):
     assert card_name(tmp_path / "demo-1" / "student") == "demo-1"
     assert card_name(tmp_path / "demo-1" / "student_init") == "demo-1-init"
     assert card_name(tmp_path / "my-student") == "my-student"
+
+
+def test_initialisation_says_where_the_weights_came_from():
+    from types import SimpleNamespace
+
+    from lmdistill.card import describe_initialisation
+
+    cut = SimpleNamespace(lmdistill_teacher_layers=30, lmdistill_layer_map=[0, 1, 29],
+                          lmdistill_layer_choice={"strategy": "importance", "calibration_tokens": 2048})
+    assert describe_initialisation(cut) == "teacher layers [0, 1, 29], chosen by importance on 2,048 calibration tokens"
+    assert describe_initialisation(cut, "students/s").startswith("`students/s`, cut by lmdistill: teacher layers [0, 1, 29]")
+    assert describe_initialisation(SimpleNamespace(), "gpt2") == "the pretrained model `gpt2`"
+    fresh = SimpleNamespace(lmdistill_teacher_layers=12, lmdistill_layer_map=None)
+    assert describe_initialisation(fresh) == "random weights in the cut architecture"
