@@ -235,6 +235,11 @@ class LossConfig:
     chunk_tokens: int = 256
     """Positions per chunk of the fused lm_head + KL/CE (no batch x seq x vocab logits are built); 0 builds the full logits. A bound on the loss's transient memory (a few chunk x vocab float32 tensors: about 50 MB each at a 50k vocabulary), not tied to the batch: 256 runs as fast as one chunk of 1,024 and saves 0.6 GiB of peak RSS at batch 4 x 256 (benchmarks/peers.py). Only forward_kl has the fused path; other divergences build full logits."""
 
+    on_policy_fraction: float = 0.0
+    """Share of optimiser steps trained on the student's own samples (GKD's lambda, Agarwal et al. 2024): each block keeps its first on_policy_prompt_tokens, the student samples the rest (KV cache, on_policy_temperature), and only the logit divergence on the sampled tokens counts on those steps (no CE or hidden-state terms: the student's samples are not ground truth). Which steps is seeded by (train.seed, step). 0: off."""
+    on_policy_prompt_tokens: int = 64
+    on_policy_temperature: float = 1.0
+
     WEIGHTS: ClassVar[tuple[str, ...]] = ("kl", "ce", "cos", "mse", "align_cos", "align_mse")
     """The weight fields, one per loss term (``kl`` weighs the logit term, whatever its divergence)."""
 
@@ -255,6 +260,10 @@ class LossConfig:
                f"applies to loss.divergence=skew_kl or skew_reverse_kl only (it is {self.divergence}); remove it")
         _check(self.divergence in DIVERGENCES, "loss.divergence",
                f"{self.divergence!r} is not one of {', '.join(DIVERGENCES)}")
+        _check(0 <= self.on_policy_fraction <= 1, "loss.on_policy_fraction", f"{self.on_policy_fraction} must be in [0, 1]")
+        _check(self.on_policy_prompt_tokens >= 1, "loss.on_policy_prompt_tokens", "must be at least 1")
+        _check(math.isfinite(self.on_policy_temperature) and self.on_policy_temperature > 0,
+               "loss.on_policy_temperature", f"{self.on_policy_temperature} must be a finite number > 0")
         for name in ("jsd_beta", "skew_alpha"):
             value = getattr(self, name)
             _check(value is None or (isinstance(value, numbers.Real) and not isinstance(value, bool)
@@ -412,6 +421,15 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_teacher_cache_settings(self)
+        # Here, not in LossConfig: the objective derives loss configs without the logit term.
+        _check(self.loss.on_policy_fraction == 0 or self.loss.kl > 0, "loss.on_policy_fraction",
+               "on-policy steps train the logit divergence alone, so loss.kl must be > 0")
+        _check(self.loss.on_policy_fraction == 0 or self.model.teacher_cache is None, "loss.on_policy_fraction",
+               "the student's samples need the live teacher to score them; set model.teacher_cache=null or "
+               "loss.on_policy_fraction=0")
+        _check(self.loss.on_policy_fraction == 0 or self.loss.on_policy_prompt_tokens < self.data.block_size,
+               "loss.on_policy_prompt_tokens", f"{self.loss.on_policy_prompt_tokens} leaves nothing to sample in "
+               f"blocks of {self.data.block_size} tokens; use fewer than data.block_size")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

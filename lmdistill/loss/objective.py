@@ -103,11 +103,14 @@ class StudentObjective(nn.Module):
         return self.loss.needs_hidden or self.loss.needs_layers
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, teacher_logits=None,
-                teacher_states=None, teacher_head=None, cached: SparseTargets | None = None, logits_only: bool = False):
+                teacher_states=None, teacher_head=None, cached: SparseTargets | None = None, logits_only: bool = False,
+                mask: torch.Tensor | None = None):
         if logits_only:
             return self.student(input_ids=input_ids, use_cache=False).logits
         if cached is not None:
             return self._cached_loss(input_ids, labels, cached)
+        if mask is not None:
+            return self._masked_divergence(input_ids, labels, teacher_logits, teacher_states, teacher_head, mask)
         loss = self.loss
         fused = self.chunk_tokens > 0
         pairs = self.aligned  # hidden_states[0] is the embeddings: layer i's output is [i + 1]
@@ -136,6 +139,26 @@ class StudentObjective(nn.Module):
             teacher_layers=[teacher_states[j + 1] for _, j in pairs] if pairs else None,
         )
         return (out.total if total is None else total + out.total), {**terms, **out.terms}
+
+    def _masked_divergence(self, input_ids: torch.Tensor, labels: torch.Tensor, teacher_logits, teacher_states,
+                           teacher_head, mask: torch.Tensor):
+        """The logit divergence alone (``loss.kl`` times it, logged as its term), on the positions
+        ``mask`` keeps: an on-policy batch, whose labels are the student's own samples."""
+        loss = self.loss
+        divergence_only = dataclasses.replace(loss, ce=0.0, cos=0.0, mse=0.0, align_cos=0.0, align_mse=0.0)
+        fused = self.chunk_tokens > 0
+        student_logits, student_states = forward_model(self.student, input_ids, False, fused, want_layers=False)
+        if fused:
+            head = self.student.get_output_embeddings()
+            t_weight, t_bias = teacher_head
+            out = chunked_logit_losses(
+                student_states[-1], head.weight, teacher_states[-1], t_weight, labels, kl_weight=loss.kl,
+                ce_weight=0.0, temperature=loss.temperature, mask=mask, reduction="sum",
+                student_head_bias=head.bias, teacher_head_bias=t_bias, chunk_tokens=self.chunk_tokens,
+                matmul_dtype=self.matmul_dtype)
+            return out.total, dict(out.terms)
+        out = distillation_loss(student_logits, teacher_logits, labels, divergence_only, mask=mask, reduction="sum")
+        return out.total, dict(out.terms)
 
     def _cached_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, cached: SparseTargets):
         """The sparse KL against stored teacher targets (forward KL, logged as ``kl``) plus the terms

@@ -44,6 +44,7 @@ from .rundir import (
     truncate_metrics,
     writing,
 )
+from .on_policy import is_on_policy_step, on_policy_batches
 from .setup import Setup, build_setup, describe_precision, make_optimizer
 from .step import next_micro_batch, train_step, validate
 from .tracking import Tracker, check_tracking
@@ -161,10 +162,15 @@ def step_until_done(loop: Loop, watch: ValidationWatch, stop_at_step: int | None
             started = time.perf_counter()
             lr = set_learning_rate(loop)
             batches = [next_micro_batch(setup, loop.sampler, train_tokens) for _ in range(train.grad_accum)]
+            on_policy = is_on_policy_step(loop.config, done.step + 1)
+            if on_policy:
+                batches = on_policy_batches(setup, batches, done.step + 1)
             try:
                 metrics = train_step(setup, loop.optimizer, batches)
             except NonFiniteError as err:
                 raise non_finite_stop(loop.run, done.step + 1, err, loop.start_removed()) from None
+            if loop.config.loss.on_policy_fraction > 0:
+                metrics["on_policy"] = float(on_policy)
             seconds, stop_requested = agree(setup, time.perf_counter() - started, stop_request.requested)
             done.step += 1
             done.tokens_seen += int(metrics.pop("tokens"))

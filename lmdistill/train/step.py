@@ -43,23 +43,25 @@ def forward_teacher(teacher: PreTrainedModel | None, input_ids: torch.Tensor, wa
 
 
 def step_loss(setup: Setup, input_ids: torch.Tensor, labels: torch.Tensor,
-              cached: TeacherTargets | None = None) -> LossOutput:
+              cached: TeacherTargets | None = None, mask: torch.Tensor | None = None) -> LossOutput:
     """The weighted loss of one micro-batch (summed over tokens), through the fused path when set;
-    with ``cached`` teacher targets the ``kl`` term is the sparse KL against them. The teacher
+    with ``cached`` teacher targets the ``kl`` term is the sparse KL against them; with ``mask``
+    (an on-policy batch) the logit divergence alone, on the positions it keeps. The teacher
     runs here (no gradients), the student and the loss in ``setup.objective``."""
     if cached is not None:
         total, terms = setup.objective(input_ids, labels, cached=cached)
         return LossOutput(total=total, terms=terms)
     loss = setup.config.loss
     fused = setup.fused
-    want_hidden = loss.needs_hidden or loss.needs_layers
-    teacher_logits, teacher_states = forward_teacher(setup.teacher, input_ids, want_hidden, fused, loss.needs_layers)
+    want_hidden = (loss.needs_hidden or loss.needs_layers) and mask is None
+    teacher_logits, teacher_states = forward_teacher(setup.teacher, input_ids, want_hidden, fused,
+                                                     loss.needs_layers and mask is None)
     teacher_head = None
     if fused and loss.kl > 0:
         t_head = setup.teacher.get_output_embeddings()
         teacher_head = (t_head.weight, t_head.bias)
     total, terms = setup.objective(input_ids, labels, teacher_logits=teacher_logits, teacher_states=teacher_states,
-                                   teacher_head=teacher_head)
+                                   teacher_head=teacher_head, mask=mask)
     return LossOutput(total=total, terms=terms)
 
 
@@ -82,16 +84,18 @@ def train_step(setup: Setup, optimizer: torch.optim.Optimizer, micro_batches: li
     a gradient scaler scales the loss and skips steps whose gradients overflow.
     """
     objective, scaler = setup.objective, setup.scaler
-    step_tokens = sum(batch[1].numel() for batch in micro_batches)  # this rank's
+    step_tokens = sum(counted_positions(batch) for batch in micro_batches)  # this rank's
+    seen_tokens = sum(batch[1].numel() for batch in micro_batches)
     sums: dict[str, torch.Tensor] = {}
     objective.train()
     optimizer.zero_grad(set_to_none=True)
     for i, (input_ids, labels, *extra) in enumerate(micro_batches):
         input_ids, labels = input_ids.to(setup.device), labels.to(setup.device)
         cached = extra[0].to(setup.device) if extra and extra[0] is not None else None
+        mask = extra[1].to(setup.device) if len(extra) > 1 and extra[1] is not None else None
         with dist.grad_sync(objective, sync=i == len(micro_batches) - 1):
             with setup.autocast_context():
-                loss = step_loss(setup, input_ids, labels, cached)
+                loss = step_loss(setup, input_ids, labels, cached, mask)
             scaled = loss.total / step_tokens
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         # float64 sums on the device: one host sync per step instead of one per micro-batch and term
@@ -99,8 +103,9 @@ def train_step(setup: Setup, optimizer: torch.optim.Optimizer, micro_batches: li
             sums[name] = sums.get(name, 0.0) + value.detach().double()
     names = list(sums)
     totals = dict(zip(names, torch.stack([sums[n] for n in names]).tolist())) if names else {}
-    totals = dist.sum_across({**totals, "tokens": float(step_tokens)}, setup.ranks, setup.device)
-    all_tokens = totals.pop("tokens")
+    totals = dist.sum_across({**totals, "tokens": float(step_tokens), "seen": float(seen_tokens)}, setup.ranks,
+                             setup.device)
+    all_tokens, all_seen = totals.pop("tokens"), totals.pop("seen")
     metrics = {name: total / all_tokens for name, total in totals.items()}
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -122,8 +127,14 @@ def train_step(setup: Setup, optimizer: torch.optim.Optimizer, micro_batches: li
     metrics["grad_norm"] = grad_norm
     if scaler is not None:
         metrics["loss_scale"] = scaler.get_scale()
-    metrics["tokens"] = int(all_tokens)
+    metrics["tokens"] = int(all_seen)
     return metrics
+
+
+def counted_positions(batch: tuple) -> int:
+    """Positions a micro-batch's loss counts: every label, or those its mask (4th item) keeps."""
+    mask = batch[3] if len(batch) > 3 else None
+    return int(mask.sum()) if mask is not None else batch[1].numel()
 
 
 class _LogitsOnly(nn.Module):
