@@ -51,6 +51,17 @@ def small_text_file(folder: Path, characters: int = 60_000) -> Path:
     return path
 
 
+def tiny_run_overrides(root: Path, tokenizer, teacher_layers: int = 4) -> tuple[Path, Path, list[str]]:
+    """``(teacher folder, text file, overrides)`` of a tiny GPT-2 distillation in ``root``: a
+    half-depth student, blocks of 32, batch 2, one thread, no checkpoints or validation unless added."""
+    text = small_text_file(root)
+    teacher = save_with_tokenizer(tiny_gpt2(n_layer=teacher_layers, seed=0), tokenizer, root / "teacher")
+    return teacher, text, [f"model.teacher={teacher}", f"model.num_layers={teacher_layers // 2}",
+                           f"data.sources=[{text}]", f"data.prepared_dir={root / 'data'}", "data.block_size=32",
+                           "train.eval_tokens=128", "train.threads=1", "train.batch_size=2",
+                           "train.checkpoint_every=0", "train.eval_every=0"]
+
+
 def load_benchmark(name: str) -> ModuleType:
     """``benchmarks/NAME.py`` as a module (the folder is not a package)."""
     path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"

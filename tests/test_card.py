@@ -15,7 +15,7 @@ from lmdistill.recipe import load_config
 from lmdistill.card import CARD_FILE, FACTS_FILE, CardFacts, card_name, front_matter, render_card
 from lmdistill.train.run import run_training
 
-from .helpers import save_with_tokenizer, small_text_file, tiny_gpt2
+from .helpers import tiny_run_overrides
 
 REQUIRED = {"library_name": "transformers", "pipeline_tag": "text-generation"}
 
@@ -36,13 +36,8 @@ def check_hub_metadata(meta: dict) -> None:
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory, gpt2_tokenizer):
     root = tmp_path_factory.mktemp("card")
-    text = small_text_file(root)
-    teacher = save_with_tokenizer(tiny_gpt2(n_layer=4, seed=0), gpt2_tokenizer, root / "teacher")
-    config = load_config(None, [
-        f"model.teacher={teacher}", "model.num_layers=2", f"data.sources=[{text}]",
-        f"data.prepared_dir={root / 'data'}", "data.block_size=32", "train.checkpoint_every=0",
-        "train.eval_tokens=256", "train.threads=1", "train.batch_size=2", "train.max_steps=3", "train.eval_every=0",
-    ])
+    teacher, text, base = tiny_run_overrides(root, gpt2_tokenizer)
+    config = load_config(None, [*base, "train.max_steps=3"])
     summary = run_training(config, root / "run", progress=False)
     return {"root": root, "teacher": teacher, "text": text, "summary": summary, "run": root / "run"}
 

@@ -15,7 +15,7 @@ from lmdistill.train.run import run_training
 from lmdistill.train.setup import build_setup
 from lmdistill.train.step import step_loss
 
-from .helpers import save_with_tokenizer, small_text_file, tiny_gpt2, tiny_llama
+from .helpers import tiny_gpt2, tiny_llama, tiny_run_overrides
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -55,13 +55,8 @@ def test_steps_are_chosen_by_seed_and_fraction():
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory, gpt2_tokenizer):
     root = tmp_path_factory.mktemp("on_policy")
-    text = small_text_file(root)
-    teacher = save_with_tokenizer(tiny_gpt2(n_layer=4, seed=0), gpt2_tokenizer, root / "teacher")
-    overrides = [f"model.teacher={teacher}", "model.num_layers=2", f"data.sources=[{text}]",
-                 f"data.prepared_dir={root / 'data'}", "data.block_size=32", "train.eval_tokens=128",
-                 "train.threads=1", "train.batch_size=2", "train.checkpoint_every=2", "train.eval_every=0",
-                 "train.max_steps=4", "loss.on_policy_prompt_tokens=8"]
-    return root, overrides
+    _, _, base = tiny_run_overrides(root, gpt2_tokenizer)
+    return root, [*base, "train.checkpoint_every=2", "train.max_steps=4", "loss.on_policy_prompt_tokens=8"]
 
 
 @pytest.mark.parametrize("chunk_tokens", [0, 16])

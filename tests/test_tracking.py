@@ -13,7 +13,7 @@ from lmdistill.train.rundir import read_metrics
 from lmdistill.train.run import run_training
 from lmdistill.train.tracking import TENSORBOARD_DIR, check_tracking
 
-from .helpers import save_with_tokenizer, small_text_file, tiny_gpt2
+from .helpers import tiny_run_overrides
 
 accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
 
@@ -31,13 +31,9 @@ def scalars(events, tag):
 @pytest.fixture(scope="module")
 def setting(tmp_path_factory, gpt2_tokenizer):
     root = tmp_path_factory.mktemp("tracking")
-    text = small_text_file(root)
-    teacher = save_with_tokenizer(tiny_gpt2(n_layer=2, seed=0), gpt2_tokenizer, root / "teacher")
-    overrides = [f"model.teacher={teacher}", "model.num_layers=1", f"data.sources=[{text}]",
-                 f"data.prepared_dir={root / 'data'}", "data.block_size=32", "train.eval_tokens=128",
-                 "train.threads=1", "train.batch_size=2", "train.max_steps=4", "train.eval_every=2",
-                 "train.checkpoint_every=2", "train.log_to=[jsonl,tensorboard]"]
-    return root, overrides
+    _, _, base = tiny_run_overrides(root, gpt2_tokenizer, teacher_layers=2)
+    return root, [*base, "train.max_steps=4", "train.eval_every=2", "train.checkpoint_every=2",
+                  "train.log_to=[jsonl,tensorboard]"]
 
 
 def test_tensorboard_holds_the_metrics_rows_and_the_config(setting):
