@@ -10,6 +10,7 @@ importing one module does not load the others):
 - :mod:`.fingerprint`: hashes of tokenizers, configs and weights (no model loading).
 - :mod:`.arch`: the :class:`~.arch.Architecture` adapter, layer counts, context length, parameter counts.
 - :mod:`.kernels`: training-time module changes that keep the function (fused GELU, training dropout).
-- :mod:`.device`: devices and eval mode.
-- :mod:`.save`: a model written as a normal Hugging Face folder, atomically.
+- :mod:`.device`: devices, the hardware in words, and eval mode.
+- :mod:`.save`: a model written as a normal Hugging Face folder, atomically (with extra files such as a card).
+- :mod:`.gguf_export`: a Llama-family or GPT-2 model and its tokenizer written as one GGUF file.
 """
