@@ -127,12 +127,13 @@ def hub_identity(spec: str | Path) -> tuple[str | None, str | None]:
     """``(hub id, licence)`` of the model a MODEL argument names, each None where unknown: a
     built-in alias knows both, a hub id is its own (licence unknown here), local files have none."""
     spec = str(spec)
-    if spec in MODEL_ALIASES:
+    if spec in MODEL_ALIASES:  # before classify_model_spec, which would convert the alias's weights
         return MODEL_ALIASES[spec].hub_id, MODEL_ALIASES[spec].license
-    path = Path(spec)
-    if spec.endswith(".gguf") or path.exists() or path.is_absolute() or spec.startswith(".") or spec.count("/") > 1:
+    try:
+        kind, _ = classify_model_spec(spec)
+    except ModelError:  # a path that no longer exists: not a hub id either
         return None, None
-    return spec, None
+    return (spec, None) if kind == "hub" else (None, None)
 
 
 GGUF_MAGIC = b"GGUF"
