@@ -112,6 +112,13 @@ class _Pass:
         self.grad_h = torch.zeros(self.m, dim, dtype=cdt, device=device) if want.get("hidden") else None
         self.grad_w = torch.zeros(weight.shape, dtype=cdt, device=device) if want.get("weight") else None
         self.grad_b = torch.zeros(weight.shape[0], dtype=cdt, device=device) if want.get("bias") else None
+        # A low-precision chunk product of the head weight's gradient and its copy in the compute
+        # dtype, allocated once per call: a mixed-dtype ``+=`` would convert into fresh memory
+        # (and elementwise, unvectorised) on every chunk.
+        self.grad_w_parts = None
+        if self.grad_w is not None and self.buffers.low is not None:
+            self.grad_w_parts = (torch.empty(weight.shape, dtype=spec.matmul_dtype, device=device),
+                                 torch.empty(weight.shape, dtype=cdt, device=device))
         self.coef_ce = self.coef_kl = None
         if self.want_grads:
             self.coef_ce, self.coef_kl = _coefficients(spec, self.rows, self.m, valid_kl, valid_ce)
@@ -164,7 +171,8 @@ class _Pass:
             if low is None:
                 self.grad_w.addmm_(g_mm.t(), h_mm)
             else:  # low-precision product of the chunk, summed over chunks in the compute dtype
-                self.grad_w += g_mm.t() @ h_mm
+                low_part, part = self.grad_w_parts
+                self.grad_w += part.copy_(torch.mm(g_mm.t(), h_mm, out=low_part))
         if self.grad_b is not None:
             self.grad_b += g.sum(dim=0)
 

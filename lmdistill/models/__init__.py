@@ -9,6 +9,7 @@ importing one module does not load the others):
 - :mod:`.load`: a MODEL argument (alias, ``.gguf`` file, HF folder, hub id) to a model, config or tokenizer.
 - :mod:`.fingerprint`: hashes of tokenizers, configs and weights (no model loading).
 - :mod:`.arch`: the :class:`~.arch.Architecture` adapter, layer counts, context length, parameter counts.
+- :mod:`.malloc`: CPU memory: big freed blocks kept mapped for reuse (glibc ``mallopt``).
 - :mod:`.kernels`: training-time module changes that keep the function (fused GELU, training dropout).
 - :mod:`.device`: devices, the hardware in words, and eval mode.
 - :mod:`.save`: a model written as a normal Hugging Face folder, atomically (with extra files such as a card).

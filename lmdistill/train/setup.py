@@ -28,6 +28,7 @@ from ..models.device import cpu_computes_bf16, resolve_device
 from ..models.fingerprint import model_fingerprint
 from ..models.kernels import fuse_activations, set_dropout
 from ..models.load import load_model
+from ..models.malloc import ENV as MALLOC_ENV, reuse_freed_memory
 from ..student.build import check_shared_vocabulary, student_layer_map
 from ..student.cut import CALIBRATION_BLOCK_SIZE, cut_student
 from ..teacher_cache.format import data_fingerprint
@@ -82,6 +83,9 @@ def build_setup(config: RunConfig, student_init: Path | None = None, ranks: dist
         torch.backends.cudnn.allow_tf32 = train.tf32
     if train.threads:
         torch.set_num_threads(train.threads)
+    if device.type == "cpu" and reuse_freed_memory() and ranks.is_main:
+        print("[lmdistill] CPU memory: freed blocks are kept for reuse, not returned to the OS (faster steps; "
+              f"{MALLOC_ENV}=system keeps glibc's defaults)")
     data = first(lambda: prepare(plan.tokenizer, config.data.sources, plan.prepared_dir,
                                  tokenizer_name=config.model.teacher))
     check_data(config, data)
