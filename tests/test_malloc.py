@@ -76,3 +76,14 @@ def test_unknown_setting_names_the_choices(monkeypatch):
     monkeypatch.setattr(malloc, "_applied", None)
     with pytest.raises(ConfigError, match=r"LMDISTILL_CPU_MALLOC='jemalloc'.*'reuse'.*'system'"):
         malloc.reuse_freed_memory()
+
+
+def test_cli_refuses_an_unknown_setting_before_any_work(monkeypatch, capsys):
+    from lmdistill.cli import main
+
+    monkeypatch.setenv(malloc.ENV, "tcmalloc")
+    monkeypatch.setattr(malloc, "_applied", None)
+    assert main(["eval", "smollm2-135m", "--task", "ppl:corpus=austen"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["lmdistill eval: error: LMDISTILL_CPU_MALLOC='tcmalloc': use 'reuse' (the default) or "
+                   "'system' (glibc's own thresholds)"]

@@ -19,6 +19,7 @@ import os
 import sys
 
 from ..errors import LmdistillError
+from ..models.malloc import reuse_freed_memory
 from .parser import build_parser, parse_arguments
 
 
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
 
     try:
+        reuse_freed_memory()  # every command allocates big temporaries (logits, casts): reuse them
         return args.func(args)
     except KeyboardInterrupt:
         print(f"\nlmdistill {args.command}: interrupted", file=sys.stderr)

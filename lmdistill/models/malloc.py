@@ -11,8 +11,9 @@ recommends jemalloc or tcmalloc for the same reason; ``mallopt`` gets the effect
 allocator the process already has: big blocks come from the heap and freed ones stay there.
 
 The cost is memory that is not returned to the OS until the process ends: the peak (what
-``bench`` and the peers benchmark report as VmHWM) is what the run needed anyway. Set
-``LMDISTILL_CPU_MALLOC=system`` to keep glibc's defaults.
+``bench`` and the peers benchmark report as VmHWM) is what the run needed anyway. The CLI
+applies it before every command and ``train.setup.build_setup`` for CPU training driven from
+Python. Set ``LMDISTILL_CPU_MALLOC=system`` to keep glibc's defaults.
 """
 
 from __future__ import annotations
