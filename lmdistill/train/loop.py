@@ -14,7 +14,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -254,7 +254,7 @@ def begin(loop: Loop) -> None:
             truncate_metrics(run, -1)
         print(f"[lmdistill] {run.root} has no checkpoint yet; starting it from the beginning")
     torch.manual_seed(loop.config.train.seed + ranks.rank)  # rank 0 as one process; other ranks' dropout differs
-    save_student(loop.setup, run, run.student_init, student_card(loop.setup, run, None))
+    save_student(loop.setup, run, run.student_init, lambda: student_card(loop.setup, run, None))
     row = validate_now(loop, say=lambda line: None)
     print(f"[lmdistill] step 0: validation perplexity {row['val_ppl']:.2f}")
 
@@ -314,7 +314,7 @@ def finish(loop: Loop, watch: ValidationWatch) -> dict[str, Any]:
         summary["world_size"] = ranks.world_size
     if watch.warnings:
         summary["warnings"] = watch.warnings
-    save_student(setup, run, run.student, student_card(setup, run, summary))
+    save_student(setup, run, run.student, lambda: student_card(setup, run, summary))
     if ranks.is_main:
         with writing(run.root / "summary.json", "summary", run):
             write_text_atomic(run.root / "summary.json", json.dumps(summary, indent=2) + "\n")
@@ -332,15 +332,16 @@ def run_summary(run: RunDir, done: Progress, finished: bool, **measured: Any) ->
             "tokens_seen": done.tokens_seen, "finished": finished, **measured}
 
 
-def save_student(setup: Setup, run: RunDir, out_dir: Path, card: CardFacts) -> None:
+def save_student(setup: Setup, run: RunDir, out_dir: Path, card: Callable[[], CardFacts]) -> None:
     """The student as an HF folder with its model card, written by rank 0 (its full weights
-    gathered first when FSDP2 shards it: every rank must call this)."""
+    gathered first when FSDP2 shards it: every rank must call this); ``card`` gives the card's
+    facts, asked on rank 0 only."""
     ranks = setup.ranks
     state = dist.full_model_state(setup.objective, ranks, prefix="student.") if dist.is_sharded(setup.objective) else None
     if ranks.is_main:
         with writing(out_dir, "student", run):
             save_model(setup.student, setup.tokenizer, out_dir, state_dict=state,
-                       extra=lambda tmp: write_card(tmp, card, card_name(out_dir)))
+                       extra=lambda tmp: write_card(tmp, card(), card_name(out_dir)))
     dist.barrier(ranks)
 
 
