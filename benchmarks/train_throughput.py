@@ -54,7 +54,7 @@ from lmdistill.recipe import load_config
 from lmdistill.data.sampler import BlockSampler
 from lmdistill.measure.flops import matmul_params, matmul_peak, step_flops
 from lmdistill.models.arch import config_num_layers
-from lmdistill.models.device import resolve_device
+from lmdistill.models.device import cpu_name, resolve_device
 from lmdistill.models.load import load_tokenizer
 from lmdistill.train.setup import build_setup, make_optimizer
 from lmdistill.train.step import train_step
@@ -157,15 +157,7 @@ def load_average() -> float | None:
 
 
 def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
 def print_table(cases: list[dict], peak: float) -> None:
