@@ -145,7 +145,6 @@ class StudentObjective(nn.Module):
         """The logit divergence alone (``loss.kl`` times it, logged as its term), on the positions
         ``mask`` keeps: an on-policy batch, whose labels are the student's own samples."""
         loss = self.loss
-        divergence_only = dataclasses.replace(loss, ce=0.0, cos=0.0, mse=0.0, align_cos=0.0, align_mse=0.0)
         fused = self.chunk_tokens > 0
         student_logits, student_states = forward_model(self.student, input_ids, False, fused, want_layers=False)
         if fused:
@@ -157,6 +156,7 @@ class StudentObjective(nn.Module):
                 student_head_bias=head.bias, teacher_head_bias=t_bias, chunk_tokens=self.chunk_tokens,
                 matmul_dtype=self.matmul_dtype)
             return out.total, dict(out.terms)
+        divergence_only = dataclasses.replace(loss, ce=0.0, cos=0.0, mse=0.0, align_cos=0.0, align_mse=0.0)
         out = distillation_loss(student_logits, teacher_logits, labels, divergence_only, mask=mask, reduction="sum")
         return out.total, dict(out.terms)
 
